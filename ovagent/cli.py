@@ -1,0 +1,375 @@
+"""The ``ov`` command line (argh).  Every command prints one-line errors and exits
+with the documented code (see ovagent.errors); argh < 0.29 would exit 0 on its own
+CommandError, so we never rely on it.
+"""
+
+import getpass
+import inspect
+import os
+import sys
+
+import argh
+
+from . import __version__, config, keyfile
+from .errors import (EXIT_INTERRUPTED, EXIT_USAGE, AuthError, NotFoundError, OvError,
+                     UsageError)
+from .validate import check_name
+
+MIN_PASSWORD_LEN = 8
+
+VAULT = argh.arg("--vault", metavar="PATH",
+                 help="vault file (default: $OV_VAULT, /var/lib/ov/vault.db for root, "
+                      "else $XDG_DATA_HOME/ov/vault.db)")
+APP = argh.arg("--app", metavar="SLUG",
+               help="app (default: .ov.yaml, user config, then 'default')")
+ENV = argh.arg("--env", metavar="SLUG",
+               help="environment (default: .ov.yaml, user config, then 'production')")
+MACHINE_KEY = argh.arg("--machine-key", metavar="PATH",
+                       help="unlock with this machine key file instead of the password")
+PASSWORD_STDIN = argh.arg("--password-stdin",
+                          help="read the master password from the first line of stdin")
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+def _open_vault(path, create=False):
+    from .store import default_vault_path
+    from .vault import Vault
+
+    return Vault.open(path or default_vault_path())
+
+
+def _read_stdin_line(what):
+    line = sys.stdin.buffer.readline()
+    if not line:
+        raise UsageError(f"expected {what} on stdin")
+    return line.rstrip(b"\n").rstrip(b"\r")
+
+
+def _prompt(prompt):
+    """Read a password with echo off from the controlling terminal."""
+    try:
+        with open("/dev/tty", "rb"):
+            pass
+    except OSError:
+        raise UsageError("no terminal to prompt for the master password; use "
+                         "--password-stdin or --machine-key") from None
+    return getpass.getpass(prompt).encode()
+
+
+def _new_password(password_stdin):
+    if password_stdin:
+        password = _read_stdin_line("the new master password")
+    else:
+        password = _prompt("New master password: ")
+        if _prompt("Repeat it: ") != password:
+            raise UsageError("the passwords do not match")
+    if len(password) < MIN_PASSWORD_LEN:
+        raise UsageError(f"the master password needs at least {MIN_PASSWORD_LEN} "
+                         "characters")
+    return password
+
+
+def _unlock(vault, machine_key=None, password_stdin=False, app=None):
+    """A keyring from a machine key, a systemd credential, or the master password."""
+    if machine_key and password_stdin:
+        raise UsageError("use either --machine-key or --password-stdin, not both")
+    key_path = machine_key or (None if password_stdin else keyfile.credential_path())
+    if key_path:
+        return vault.unlock_key(keyfile.read_key(key_path), app)
+    if password_stdin:
+        return vault.unlock(_read_stdin_line("the master password"))
+    return vault.unlock(_prompt("Master password: "))
+
+
+def _target(app, env, secrets=None):
+    target = config.resolve(app, env, secrets)
+    target.app = target.app or config.DEFAULT_APP
+    return target
+
+
+def _when(timestamp):
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+# -- ov auth ---------------------------------------------------------------
+
+
+@VAULT
+@PASSWORD_STDIN
+def init(*, vault=None, password_stdin=False):
+    """Create a new vault protected by a master password."""
+    from .store import default_vault_path
+    from .vault import Vault
+
+    path = vault or default_vault_path()
+    if os.path.exists(path):
+        raise UsageError(f"a vault already exists at {path}")
+    created, _ = Vault.create(path, _new_password(password_stdin))
+    print(f"Created vault {created.store.path}")
+
+
+@VAULT
+@PASSWORD_STDIN
+def change_password(*, vault=None, password_stdin=False):
+    """Change the master password (machine keys keep working).
+
+    With --password-stdin, stdin holds the current password, then the new one."""
+    opened = _open_vault(vault)
+    keyring = _unlock(opened, password_stdin=password_stdin)
+    opened.change_password(keyring, _new_password(password_stdin))
+    print("Master password changed")
+
+
+@argh.arg("--out", metavar="PATH", required=True, help="where to write the key")
+@argh.arg("--app", metavar="SLUG",
+          help="scope the key to one app (it cannot decrypt any other app)")
+@argh.arg("--force", help="overwrite an existing file")
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def derive_machine_key(*, out=None, app=None, force=False, vault=None,
+                       machine_key=None, password_stdin=False):
+    """Write a machine key (raw 32 bytes, mode 0600) for ov run and ov agent."""
+    opened = _open_vault(vault)
+    keyring = _unlock(opened, machine_key, password_stdin, app)
+    keyfile.write_key(out, opened.machine_key(keyring, app), force=force)
+    scope = f"app {app!r} only" if app else "every app in the vault"
+    print(f"Wrote machine key {out} (decrypts {scope}).", file=sys.stderr)
+    print("WARNING: anyone who can read this file can decrypt those secrets. Keep it "
+          "0600, off backups and out of version control; revoke a scoped key with "
+          "'ov app rotate-key'.", file=sys.stderr)
+
+
+# -- ov app ----------------------------------------------------------------
+
+
+@argh.named("create")
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def app_create(app, *, vault=None, machine_key=None, password_stdin=False):
+    """Create an app with its own random key."""
+    opened = _open_vault(vault)
+    opened.create_app(_unlock(opened, machine_key, password_stdin), app)
+    print(f"Created app {app}")
+
+
+@argh.named("list")
+@VAULT
+def app_list(*, vault=None):
+    """List apps with their environments."""
+    opened = _open_vault(vault)
+    for record in opened.list_apps():
+        envs = ",".join(name for name, _ in opened.list_envs(record.name)) or "-"
+        print(f"{record.name}\tkey-generation={record.generation}\tenvs={envs}")
+
+
+@argh.named("delete")
+@argh.arg("--force", help="also delete its environments and secrets")
+@VAULT
+def app_delete(app, *, force=False, vault=None):
+    """Delete an app (refuses while it has environments, unless --force)."""
+    opened = _open_vault(vault)
+    if opened.list_envs(app) and not force:
+        raise UsageError(f"app {app!r} still has environments; pass --force to "
+                         "delete them and their secrets too")
+    opened.delete_app(app)
+    print(f"Deleted app {app}")
+
+
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
+    """Give an app a new key; machine keys scoped to it stop working."""
+    opened = _open_vault(vault)
+    generation = opened.rotate_app_key(_unlock(opened, machine_key, password_stdin), app)
+    print(f"Rotated key of app {app} (generation {generation}); old scoped machine "
+          "keys for it no longer work")
+
+
+# -- ov env ----------------------------------------------------------------
+
+
+@argh.named("create")
+@APP
+@VAULT
+def env_create(env, *, app=None, vault=None):
+    """Create an environment in an app."""
+    target = _target(app, None)
+    _open_vault(vault).create_env(target.app, env)
+    print(f"Created env {target.app}/{env}")
+
+
+@argh.named("list")
+@APP
+@VAULT
+def env_list(*, app=None, vault=None):
+    """List the environments of an app."""
+    target = _target(app, None)
+    for name, created in _open_vault(vault).list_envs(target.app):
+        print(f"{name}\tcreated={_when(created)}")
+
+
+@argh.named("delete")
+@APP
+@VAULT
+def env_delete(env, *, app=None, vault=None):
+    """Delete an environment and all of its secrets."""
+    target = _target(app, None)
+    _open_vault(vault).delete_env(target.app, env)
+    print(f"Deleted env {target.app}/{env}")
+
+
+# -- ov secret -------------------------------------------------------------
+
+
+@argh.named("set")
+@APP
+@ENV
+@VAULT
+@MACHINE_KEY
+def secret_set(name, *, app=None, env=None, vault=None, machine_key=None):
+    """Store a new version of a secret; the value is read from stdin (one trailing
+    newline removed) or prompted for without echo, never taken from the command line."""
+    check_name(name)
+    target = _target(app, env)
+    opened = _open_vault(vault)
+    keyring = _unlock(opened, machine_key, app=target.app)
+    if sys.stdin.isatty():
+        value = _prompt(f"Value of {name}: ")
+    else:
+        value = sys.stdin.buffer.read()
+        value = value[:-1] if value.endswith(b"\n") else value
+    version = opened.set_secrets(keyring, target.app, target.env, {name: value})[name]
+    print(f"Set {name} in {target.app}/{target.env} (version {version})")
+
+
+@argh.named("list")
+@APP
+@ENV
+@VAULT
+def secret_list(*, app=None, env=None, vault=None):
+    """List secret names, versions and times (never values)."""
+    target = _target(app, env)
+    for record in _open_vault(vault).list_secrets(target.app, target.env):
+        print(f"{record.name}\tv{record.version}\tupdated={_when(record.created)}")
+
+
+@argh.named("delete")
+@APP
+@ENV
+@VAULT
+def secret_delete(name, *, app=None, env=None, vault=None):
+    """Delete a secret with all its versions."""
+    target = _target(app, env)
+    _open_vault(vault).delete_secret(target.app, target.env, name)
+    print(f"Deleted {name} from {target.app}/{target.env}")
+
+
+@argh.named("import")
+@APP
+@ENV
+@argh.arg("--dry-run", help="parse and report, store nothing")
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
+                  machine_key=None, password_stdin=False):
+    """Import a dotenv file; all of it is stored in one transaction, or nothing."""
+    from . import dotenv
+    from .validate import check_value
+
+    target = _target(app, env)
+    try:
+        with open(file, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{file} is not UTF-8 text") from None
+    entries = dotenv.parse(text, file)
+    values = {}
+    for line, name, value in entries:
+        try:
+            values[name] = check_value(name, value.encode())
+        except UsageError as exc:
+            raise UsageError(f"{file}:{line}: {exc}") from None
+    opened = _open_vault(vault)
+    if dry_run:
+        opened.require_env(target.app, target.env)
+    else:
+        opened.set_secrets(_unlock(opened, machine_key, password_stdin, target.app),
+                           target.app, target.env, values)
+    verb = "would import" if dry_run else "imported"
+    for line, name, _ in entries:
+        print(f"{verb} {name} (line {line})")
+    print(f"{'Would import' if dry_run else 'Imported'} {len(values)}/{len(entries)} "
+          f"secret(s) into {target.app}/{target.env}")
+
+
+# -- ov run ----------------------------------------------------------------
+
+
+@argh.arg("command", nargs="+", metavar="CMD", help="the command and its arguments")
+@MACHINE_KEY
+@APP
+@ENV
+@argh.arg("--secrets", metavar="A,B",
+          help="only these secrets (default: .ov.yaml's list, else all of app/env)")
+@VAULT
+def run(*command, machine_key=None, app=None, env=None, secrets=None, vault=None):
+    """Run CMD with secrets added to its environment (ov replaces itself with CMD)."""
+    from .runner import exec_with_secrets
+
+    target = _target(app, env, secrets)
+    opened = _open_vault(vault)
+    keyring = _unlock(opened, machine_key, app=target.app)
+    values = opened.reveal(keyring, target.app, target.env, target.secrets)
+    exec_with_secrets(list(command), values)
+
+
+# -- assembly --------------------------------------------------------------
+
+GROUPS = [
+    ("auth", "master password, vault and machine keys",
+     [init, change_password, derive_machine_key]),
+    ("app", "apps (each with its own key)", [app_create, app_list, app_delete, rotate_key]),
+    ("env", "environments of an app", [env_create, env_list, env_delete]),
+    ("secret", "secrets of an environment",
+     [secret_set, secret_list, secret_delete, secret_import]),
+]
+
+
+def _add_group(parser, name, help_text, functions):
+    """argh 0.26 calls groups namespaces; argh >= 0.30 calls them group_name."""
+    if "group_name" in inspect.signature(argh.add_commands).parameters:
+        argh.add_commands(parser, functions, group_name=name,
+                          group_kwargs={"title": help_text})
+    else:
+        argh.add_commands(parser, functions, namespace=name,
+                          namespace_kwargs={"help": help_text, "title": help_text})
+
+
+def build_parser():
+    parser = argh.ArghParser(prog="ov", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"ov {__version__}")
+    for name, help_text, functions in GROUPS:
+        _add_group(parser, name, help_text, functions)
+    argh.add_commands(parser, [run])
+    return parser
+
+
+def main(argv=None):
+    try:
+        argh.dispatch(build_parser(), argv=argv, completion=False)
+    except OvError as exc:
+        print(f"ov: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("ov: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,49 @@
+"""Errors that carry their own exit status, so every failure maps to one documented code.
+
+The CLI prints ``ov: <message>`` and exits with ``exit_code``; no traceback ever
+reaches the user for these.  Messages must never contain a secret value or key.
+"""
+
+EXIT_FAILURE = 1        # generic failure (I/O, OS errors)
+EXIT_USAGE = 2          # invalid input: bad flag, slug, name, value, dotenv, key file
+EXIT_NOT_FOUND = 3      # no such vault, app, env or secret
+EXIT_AUTH = 4           # wrong password, wrong or revoked machine key, request denied
+EXIT_INTEGRITY = 5      # vault corrupt or tampered with
+EXIT_AGENT = 6          # agent unreachable, busy, or protocol failure
+EXIT_CANNOT_EXECUTE = 126
+EXIT_COMMAND_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130
+
+
+class OvError(Exception):
+    """Base class: a one-line, user-facing failure."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(OvError):
+    exit_code = EXIT_USAGE
+
+
+class NotFoundError(OvError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class AuthError(OvError):
+    exit_code = EXIT_AUTH
+
+
+class IntegrityError(OvError):
+    exit_code = EXIT_INTEGRITY
+
+
+class AgentError(OvError):
+    exit_code = EXIT_AGENT
+
+
+class ExecError(OvError):
+    """The command could not be started (126) or was not found (127)."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code

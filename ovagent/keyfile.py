@@ -1,0 +1,81 @@
+"""Machine key files: raw 32 bytes, a regular file we own, no group/other bits.
+
+Stdlib only: ``ov run --agent`` reads the key on its hot path.
+"""
+
+import os
+import stat
+
+from .errors import OvError, UsageError
+
+KEY_LEN = 32
+CREDENTIAL_NAME = "machine.kek"
+
+
+def read_key(path):
+    """Read and check a machine key file; raise UsageError naming the problem."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise UsageError(f"machine key {path} is a symlink; refusing it") from None
+        raise UsageError(f"cannot read machine key {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"machine key {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise UsageError(f"machine key {path} is owned by uid {st.st_uid}, "
+                             f"not by the current user (uid {os.geteuid()})")
+        if st.st_mode & 0o077:
+            raise UsageError(f"machine key {path} has mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}; it must be 0600 or 0400 "
+                             f"(chmod 600 {path})")
+        data = os.read(fd, KEY_LEN + 1)
+    finally:
+        os.close(fd)
+    if len(data) != KEY_LEN:
+        raise UsageError(f"machine key {path} must be exactly {KEY_LEN} bytes, "
+                         f"not {'more' if len(data) > KEY_LEN else len(data)}")
+    return data
+
+
+def credential_path():
+    """$CREDENTIALS_DIRECTORY/machine.kek when systemd's LoadCredential= provides it."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        path = os.path.join(directory, CREDENTIAL_NAME)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def write_key(path, key, force=False):
+    """Write atomically, created 0600; never overwrite unless *force*."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not force and os.path.lexists(path):
+        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails instead of overwriting a file that raced in
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise OvError(f"cannot write machine key {path}: {exc.strerror}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

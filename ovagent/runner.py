@@ -1,0 +1,24 @@
+"""Starting the user's command with secrets in its environment (``ov run``)."""
+
+import os
+
+from .errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, ExecError
+
+
+def child_environment(base, secrets):
+    """*base* (a bytes->bytes mapping) plus the secrets (str -> bytes)."""
+    env = dict(base)
+    for name, value in secrets.items():
+        env[name.encode()] = value
+    return env
+
+
+def exec_with_secrets(argv, secrets):
+    """Replace this process with argv: its exit status and signals become ours."""
+    env = child_environment(os.environb, secrets)
+    try:
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        raise ExecError(f"{argv[0]}: command not found", EXIT_COMMAND_NOT_FOUND) from None
+    except OSError as exc:
+        raise ExecError(f"{argv[0]}: {exc.strerror}", EXIT_CANNOT_EXECUTE) from None

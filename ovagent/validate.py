@@ -1,0 +1,38 @@
+"""Validation of names and values shared by the CLI, the vault and the agent.
+
+Stdlib only, so the client can validate without importing any crypto.
+"""
+
+import re
+
+from .errors import UsageError
+
+SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,61}[a-z0-9]|[a-z0-9]")
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+MAX_VALUE_BYTES = 64 * 1024
+
+
+def check_slug(kind, value):
+    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
+        raise UsageError(
+            f"invalid {kind} {value!r}: use 1-63 lowercase letters, digits and "
+            "dashes, not starting or ending with a dash")
+    return value
+
+
+def check_name(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"invalid secret name {name!r}: must be an environment variable name "
+            "([A-Za-z_][A-Za-z0-9_]*, at most 255 characters)")
+    return name
+
+
+def check_value(name, value):
+    """Values travel in an environment: no NUL byte, bounded size."""
+    if b"\0" in value:
+        raise UsageError(f"value of {name} contains a NUL byte")
+    if len(value) > MAX_VALUE_BYTES:
+        raise UsageError(
+            f"value of {name} is {len(value)} bytes; the limit is {MAX_VALUE_BYTES}")
+    return value

@@ -1,0 +1,269 @@
+"""The vault: apps, environments and secrets, encrypted as a key hierarchy.
+
+    password --Argon2id--> PWK --wraps--> KEK --wraps--> app key --wraps--> DEK --> value
+
+The KEK is random and only wrapped by the password key, so changing the password
+re-wraps one blob and every machine key keeps working.  An unscoped machine key *is*
+the KEK; a scoped one *is* an app key, so it cannot decrypt another app's DEKs: scope is
+enforced by cryptography, not by a policy check.  Rotating an app key re-wraps that
+app's DEKs and revokes every scoped machine key issued for it.
+"""
+
+import json
+import os
+import time
+
+from . import crypto
+from .errors import AuthError, IntegrityError, NotFoundError, UsageError
+from .store import AppRecord, SecretRecord, SqliteStore
+from .validate import check_name, check_slug, check_value
+
+class Keyring:
+    """Unlocked key material: the KEK, or a single app's key (scoped machine key)."""
+
+    def __init__(self, vault, kek=None, scope=None, scoped_key=None):
+        self._vault = vault
+        self.kek = kek
+        self.scope = scope
+        self._scoped_key = scoped_key
+
+    def require_kek(self, action):
+        if self.kek is None:
+            raise AuthError(
+                f"{action} needs the master password or an unscoped machine key "
+                f"(this key is scoped to app {self.scope!r})")
+        return self.kek
+
+    def app_key(self, app):
+        if self.kek is None:
+            if app != self.scope:
+                raise AuthError(
+                    f"machine key is scoped to app {self.scope!r}, not {app!r}")
+            return self._scoped_key
+        return self._vault.unwrap_app_key(self.kek, self._vault.get_app(app))
+
+
+class Vault:
+    def __init__(self, store):
+        self.store = store
+        meta = store.get_meta()
+        try:
+            self.vault_id = meta["vault_id"]
+            self.salt = meta["salt"]
+            self.kdf = crypto.KdfParams(**json.loads(meta["kdf"]))
+            self.wrapped_kek = meta["wrapped_kek"]
+            self.kek_check = meta["kek_check"]
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(
+                f"vault {store.path} has missing or malformed metadata") from None
+        self.kdf.validate()
+
+    @classmethod
+    def open(cls, path):
+        return cls(SqliteStore(path))
+
+    @classmethod
+    def create(cls, path, password, kdf=crypto.DEFAULT_KDF):
+        """Create a new vault file; return (vault, keyring)."""
+        kdf.validate()
+        vault_id, salt, kek = os.urandom(16), os.urandom(crypto.SALT_LEN), crypto.random_key()
+        pwk = crypto.derive_kek(password, salt, kdf)
+        store = SqliteStore.create(path, {
+            "vault_id": vault_id,
+            "salt": salt,
+            "kdf": json.dumps(kdf.__dict__),
+            "wrapped_kek": crypto.seal(pwk, kek, crypto.aad("kek", vault_id)),
+            "kek_check": crypto.seal(kek, b"", crypto.aad("kek-check", vault_id)),
+        })
+        vault = cls(store)
+        return vault, Keyring(vault, kek=kek)
+
+    # -- unlocking -----------------------------------------------------------
+
+    def unlock(self, password):
+        pwk = crypto.derive_kek(password, self.salt, self.kdf)
+        try:
+            kek = crypto.unseal(pwk, self.wrapped_kek, crypto.aad("kek", self.vault_id),
+                                "master key")
+        except IntegrityError:
+            raise AuthError("wrong master password") from None
+        return Keyring(self, kek=kek)
+
+    def unlock_key(self, key, app=None):
+        """Identify a machine key: the KEK, or the key of *app* (or of any app)."""
+        if self._opens(key, self.kek_check, crypto.aad("kek-check", self.vault_id)):
+            return Keyring(self, kek=key)
+        candidates = [self.get_app(app)] if app else self.store.list_apps()
+        for record in candidates:
+            if self._opens(key, record.key_check, self._app_check_aad(record)):
+                return Keyring(self, scope=record.name, scoped_key=key)
+        raise AuthError(
+            "machine key does not unlock this vault" + (f" for app {app!r}" if app else "")
+            + " (another vault's key, or revoked by 'ov app rotate-key')")
+
+    @staticmethod
+    def _opens(key, blob, associated):
+        try:
+            crypto.unseal(key, blob, associated, "key check")
+            return True
+        except IntegrityError:
+            return False
+
+    def change_password(self, keyring, new_password):
+        kek = keyring.require_kek("changing the password")
+        salt = os.urandom(crypto.SALT_LEN)
+        pwk = crypto.derive_kek(new_password, salt, self.kdf)
+        with self.store.transaction():
+            self.store.put_meta({
+                "salt": salt,
+                "wrapped_kek": crypto.seal(pwk, kek, crypto.aad("kek", self.vault_id)),
+            })
+
+    def machine_key(self, keyring, app=None):
+        """The raw bytes of a machine key: the KEK, or one app's key."""
+        if app is None:
+            return keyring.require_kek("deriving an unscoped machine key")
+        return keyring.app_key(app)
+
+    # -- apps ----------------------------------------------------------------
+
+    def _app_check_aad(self, record):
+        return crypto.aad("app-check", self.vault_id, record.name, record.generation)
+
+    def _app_key_aad(self, record):
+        return crypto.aad("app-key", self.vault_id, record.name, record.generation)
+
+    def get_app(self, app):
+        record = self.store.get_app(check_slug("app", app))
+        if record is None:
+            raise NotFoundError(f"no app {app!r}; create it with 'ov app create {app}'")
+        return record
+
+    def unwrap_app_key(self, kek, record):
+        key = crypto.unseal(kek, record.wrapped_key, self._app_key_aad(record),
+                            f"key of app {record.name!r}")
+        if not self._opens(key, record.key_check, self._app_check_aad(record)):
+            raise IntegrityError(f"key check of app {record.name!r} failed: the vault "
+                                 "was tampered with")
+        return key
+
+    def _seal_app(self, kek, name, generation, created):
+        key = crypto.random_key()
+        record = AppRecord(name, b"", b"", generation, created)
+        record.wrapped_key = crypto.seal(kek, key, self._app_key_aad(record))
+        record.key_check = crypto.seal(key, b"", self._app_check_aad(record))
+        return record, key
+
+    def create_app(self, keyring, app):
+        kek = keyring.require_kek("creating an app")
+        check_slug("app", app)
+        with self.store.transaction():
+            if self.store.get_app(app) is not None:
+                raise UsageError(f"app {app!r} already exists")
+            record, _ = self._seal_app(kek, app, 1, time.time())
+            self.store.put_app(record)
+
+    def rotate_app_key(self, keyring, app):
+        """New app key; re-wrap every DEK of the app; old scoped keys stop working."""
+        kek = keyring.require_kek("rotating an app key")
+        with self.store.transaction():
+            old = self.get_app(app)
+            old_key = self.unwrap_app_key(kek, old)
+            record, new_key = self._seal_app(kek, app, old.generation + 1, old.created)
+            for secret in self.store.app_secret_versions(app):
+                dek = crypto.unseal(old_key, secret.wrapped_dek, self._dek_aad(secret),
+                                    f"key of secret {secret.name}")
+                self.store.rewrap_secret(
+                    secret, crypto.seal(new_key, dek, self._dek_aad(secret)))
+            self.store.put_app(record)
+        return record.generation
+
+    def delete_app(self, app):
+        with self.store.transaction():
+            self.get_app(app)
+            self.store.delete_app(app)
+
+    def list_apps(self):
+        return self.store.list_apps()
+
+    # -- environments --------------------------------------------------------
+
+    def require_env(self, app, env):
+        self.get_app(app)
+        if not self.store.env_exists(app, check_slug("env", env)):
+            raise NotFoundError(
+                f"no env {env!r} in app {app!r}; create it with "
+                f"'ov env create {env} --app {app}'")
+
+    def create_env(self, app, env):
+        check_slug("env", env)
+        with self.store.transaction():
+            self.get_app(app)
+            if self.store.env_exists(app, env):
+                raise UsageError(f"env {env!r} already exists in app {app!r}")
+            self.store.create_env(app, env)
+
+    def delete_env(self, app, env):
+        with self.store.transaction():
+            self.require_env(app, env)
+            self.store.delete_env(app, env)
+
+    def list_envs(self, app):
+        self.get_app(app)
+        return self.store.list_envs(app)
+
+    # -- secrets -------------------------------------------------------------
+
+    def _dek_aad(self, s):
+        return crypto.aad("dek", self.vault_id, s.app, s.env, s.name, s.version)
+
+    def _value_aad(self, s):
+        return crypto.aad("value", self.vault_id, s.app, s.env, s.name, s.version)
+
+    def set_secrets(self, keyring, app, env, values):
+        """Store a new version of each name -> value, all in one transaction."""
+        for name, value in values.items():
+            check_value(check_name(name), value)
+        app_key = keyring.app_key(app)
+        now = time.time()
+        versions = {}
+        with self.store.transaction():
+            self.require_env(app, env)
+            for name, value in values.items():
+                record = SecretRecord(app, env, name,
+                                      self.store.next_version(app, env, name),
+                                      b"", b"", now)
+                dek = crypto.random_key()
+                record.wrapped_dek = crypto.seal(app_key, dek, self._dek_aad(record))
+                record.ciphertext = crypto.seal(dek, value, self._value_aad(record))
+                self.store.put_secret(record)
+                versions[name] = record.version
+        return versions
+
+    def delete_secret(self, app, env, name):
+        with self.store.transaction():
+            self.require_env(app, env)
+            if not self.store.delete_secret(app, env, check_name(name)):
+                raise NotFoundError(f"no secret {name} in {app}/{env}")
+
+    def list_secrets(self, app, env):
+        self.require_env(app, env)
+        return self.store.latest_secrets(app, env)
+
+    def reveal(self, keyring, app, env, names=None):
+        """Decrypt the latest version of *names* (all when None) into a dict."""
+        if names is not None:
+            names = sorted({check_name(n) for n in names})
+        app_key = keyring.app_key(app)
+        self.require_env(app, env)
+        records = self.store.latest_secrets(app, env, names)
+        if names is not None and len(records) != len(names):
+            missing = sorted(set(names) - {r.name for r in records})
+            raise NotFoundError(f"no secret {', '.join(missing)} in {app}/{env}")
+        values = {}
+        for record in records:
+            what = f"secret {record.name} v{record.version}"
+            dek = crypto.unseal(app_key, record.wrapped_dek, self._dek_aad(record), what)
+            values[record.name] = crypto.unseal(dek, record.ciphertext,
+                                                self._value_aad(record), what)
+        return values
