@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing, then runs every test against
+# Debian 12's packaged libraries and against current PyPI releases.
+# Extra arguments go to pytest (e.g. tests/check.sh -k agent -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/bootstrap.sh all
+status=0
+for venv in .venv-debian .venv-pypi; do
+    echo "=== tests with $venv ($($venv/bin/python -c 'from importlib.metadata import version as v; print("argh", v("argh"), "cryptography", v("cryptography"))'))"
+    $venv/bin/python -m pytest -p no:cacheprovider -rs "$@" || status=$?
+done
+exit $status

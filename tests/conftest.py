@@ -1,0 +1,112 @@
+"""Shared fixtures: run the real ``ov`` entry point of the current venv in
+subprocesses, against throwaway vaults under tmp_path.
+
+Creating a vault costs one Argon2id run (t=3, 64 MiB), so a template vault with a
+known password, app ``demo``, env ``production``, a few secrets and machine keys is
+built once per session and copied per test.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+OV = str(Path(sys.executable).with_name("ov"))
+PASSWORD = "correct horse battery"
+SENTINEL = "SENTINEL-7f3c9a1e-do-not-leak"
+DEMO_SECRETS = {"DB_URL": "postgres://u:" + SENTINEL + "@db/app", "API_TOKEN": "tok-123",
+                "EMPTY": ""}
+
+
+def ov_env(home, vault):
+    """A clean environment for ov: private HOME/XDG dirs and OV_VAULT."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OV_", "XDG_", "LISTEN_", "NOTIFY_", "CREDENTIALS_"))}
+    env.update(HOME=str(home), OV_VAULT=str(vault),
+               XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
+               XDG_RUNTIME_DIR=str(home / "run"))
+    return env
+
+
+@dataclass
+class Ov:
+    """Runs ``ov ARGS`` with the fixture's environment; returns CompletedProcess."""
+
+    env: dict
+    cwd: Path
+
+    def __call__(self, *args, input=None, check=None, timeout=60, env=None, **kwargs):
+        if isinstance(input, str):
+            input = input.encode()
+        result = subprocess.run(
+            [OV, *args], input=input, capture_output=True, timeout=timeout,
+            env=dict(self.env, **(env or {})), cwd=kwargs.pop("cwd", self.cwd),
+            start_new_session=True,  # no controlling tty: prompts fail instead of hanging
+            **kwargs)
+        result.out = result.stdout.decode(errors="replace")
+        result.err = result.stderr.decode(errors="replace")
+        if check is not None:
+            assert result.returncode == check, (result.returncode, result.out, result.err)
+        return result
+
+
+@dataclass
+class DemoVault:
+    path: Path
+    key: Path           # unscoped machine key (the KEK)
+    scoped_key: Path    # key scoped to app "demo"
+    ov: Ov
+    password: str = PASSWORD
+    app: str = "demo"
+    env: str = "production"
+
+
+@pytest.fixture(scope="session")
+def template_vault(tmp_path_factory):
+    base = tmp_path_factory.mktemp("template")
+    home = base / "home"
+    home.mkdir()
+    vault = base / "vault" / "vault.db"
+    ov = Ov(ov_env(home, vault), base)
+    ov("auth", "init", "--password-stdin", input=PASSWORD + "\n", check=0)
+    ov("auth", "derive-machine-key", "--out", str(base / "machine.kek"),
+       "--password-stdin", input=PASSWORD + "\n", check=0)
+    key = ["--machine-key", str(base / "machine.kek")]
+    ov("app", "create", "demo", *key, check=0)
+    ov("env", "create", "production", "--app", "demo", check=0)
+    for name, value in DEMO_SECRETS.items():
+        ov("secret", "set", name, "--app", "demo", "--env", "production", *key,
+           input=value, check=0)
+    ov("auth", "derive-machine-key", "--out", str(base / "demo.kek"), "--app", "demo",
+       *key, check=0)
+    return base
+
+
+@pytest.fixture
+def home(tmp_path):
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def ov(home, tmp_path):
+    """An ov runner with a private HOME and no vault yet (OV_VAULT under tmp_path)."""
+    return Ov(ov_env(home, tmp_path / "vault" / "vault.db"), tmp_path)
+
+
+@pytest.fixture
+def demo(template_vault, tmp_path, home):
+    """A fresh copy of the template vault with its keys, and a runner bound to it."""
+    shutil.copytree(template_vault / "vault", tmp_path / "vault")
+    keys = {}
+    for name in ("machine.kek", "demo.kek"):
+        shutil.copy2(template_vault / name, tmp_path / name)
+        keys[name] = tmp_path / name
+    runner = Ov(ov_env(home, tmp_path / "vault" / "vault.db"), tmp_path)
+    return DemoVault(tmp_path / "vault" / "vault.db", keys["machine.kek"],
+                     keys["demo.kek"], runner)
