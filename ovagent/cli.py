@@ -11,8 +11,7 @@ import sys
 import argh
 
 from . import __version__, config, keyfile
-from .errors import (EXIT_INTERRUPTED, EXIT_USAGE, AuthError, NotFoundError, OvError,
-                     UsageError)
+from .errors import EXIT_INTERRUPTED, NotFoundError, OvError, UsageError
 from .validate import check_name
 
 MIN_PASSWORD_LEN = 8
@@ -296,7 +295,7 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
     values = {}
     for line, name, value in entries:
         try:
-            values[name] = check_value(name, value.encode())
+            values[check_name(name)] = check_value(name, value.encode())
         except UsageError as exc:
             raise UsageError(f"{file}:{line}: {exc}") from None
     opened = _open_vault(vault)
@@ -314,16 +313,40 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
 
 # -- ov run ----------------------------------------------------------------
 
+SOCKET = argh.arg("--socket", metavar="PATH",
+                  help="agent socket (default: $OV_AGENT_SOCK, else "
+                       "$XDG_RUNTIME_DIR/ov-agent/ov-agent.sock when it exists, else "
+                       "/run/ov-agent/ov-agent.sock)")
+
 
 @argh.arg("command", nargs="+", metavar="CMD", help="the command and its arguments")
-@MACHINE_KEY
+@argh.arg("--agent", help="let the running agent decrypt and spawn CMD; plaintext "
+                          "never leaves the agent")
+@SOCKET
+@argh.arg("--machine-key", metavar="PATH",
+          help="machine key (default with --agent: $CREDENTIALS_DIRECTORY/machine.kek, "
+               "else /etc/ov/machine.kek for root or $XDG_CONFIG_HOME/ov/machine.kek)")
 @APP
 @ENV
 @argh.arg("--secrets", metavar="A,B",
           help="only these secrets (default: .ov.yaml's list, else all of app/env)")
 @VAULT
-def run(*command, machine_key=None, app=None, env=None, secrets=None, vault=None):
-    """Run CMD with secrets added to its environment (ov replaces itself with CMD)."""
+def run(*command, agent=False, socket=None, machine_key=None, app=None, env=None,
+        secrets=None, vault=None):
+    """Run CMD with secrets added to its environment.  Without --agent, ov decrypts
+    and replaces itself with CMD; with --agent, the agent spawns CMD and ov relays
+    signals and exits with CMD's status (128+N if killed by signal N)."""
+    if agent:
+        from . import client
+
+        if vault:
+            raise UsageError("--vault is the agent's business; it cannot go with --agent")
+        target = config.resolve(app, env, secrets)
+        sys.exit(client.run(list(command), socket_path=socket or client.default_socket_path(),
+                            key=client.find_key(machine_key), app=target.app,
+                            env=target.env, secrets=target.secrets))
+    if socket:
+        raise UsageError("--socket needs --agent")
     from .runner import exec_with_secrets
 
     target = _target(app, env, secrets)
@@ -331,6 +354,78 @@ def run(*command, machine_key=None, app=None, env=None, secrets=None, vault=None
     keyring = _unlock(opened, machine_key, app=target.app)
     values = opened.reveal(keyring, target.app, target.env, target.secrets)
     exec_with_secrets(list(command), values)
+
+
+# -- ov agent --------------------------------------------------------------
+
+PID_FILE = argh.arg("--pid-file", metavar="PATH",
+                    help="pid file (default: ov-agent.pid beside the socket)")
+
+
+@argh.named("start")
+@argh.arg("--machine-key", metavar="PATH",
+          help="machine key (default: $CREDENTIALS_DIRECTORY/machine.kek, else the "
+               "master password on a terminal)")
+@argh.arg("--app", metavar="SLUG", help="default app of requests that name none")
+@SOCKET
+@PID_FILE
+@argh.arg("--foreground", help="do not detach (implied under systemd)")
+@argh.arg("--max-clients", type=int, metavar="N",
+          help="concurrent requests before answering 'busy' (default 64)")
+@argh.arg("--grace", type=float, metavar="SECONDS",
+          help="SIGTERM to SIGKILL delay for commands whose client vanished (default 5)")
+@argh.arg("--drain", type=float, metavar="SECONDS",
+          help="how long a stopping agent waits for running commands (default 30)")
+@VAULT
+def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
+                foreground=False, max_clients=None, grace=None, drain=None, vault=None):
+    """Start the agent: hold the key in memory and serve 'ov run --agent'."""
+    from . import daemon
+
+    if app:
+        config.check_slug("app", app)
+    sys.exit(daemon.start(machine_key=machine_key, app=app, socket_path=socket,
+                          pid_file=pid_file, foreground=foreground, vault=vault,
+                          max_clients=max_clients, grace=grace, drain=drain))
+
+
+@argh.named("stop")
+@SOCKET
+@PID_FILE
+def agent_stop(*, socket=None, pid_file=None):
+    """Send SIGTERM to the agent and return; running requests finish first."""
+    from . import daemon
+
+    pid = daemon.stop(pid_file or daemon.default_pid_file(socket))
+    print(f"Sent SIGTERM to ov-agent (pid {pid})")
+
+
+@argh.named("status")
+@SOCKET
+@PID_FILE
+@argh.arg("--machine-key", metavar="PATH", help="key to sign the status request with")
+def agent_status(*, socket=None, pid_file=None, machine_key=None):
+    """Ask the agent for its version, uptime, mode and counters (signed); fall back
+    to the pid file when it cannot be asked."""
+    from . import client, daemon
+
+    path = socket or client.default_socket_path()
+    try:
+        info = client.status(path, client.find_key(machine_key))
+    except OvError as exc:
+        pid_path = pid_file or daemon.default_pid_file(path)
+        pid = daemon.read_pid_file(pid_path)
+        if pid is not None and daemon.agent_alive(pid):
+            print(f"ov-agent is running (pid {pid}, from pid file {pid_path}); it did "
+                  f"not answer: {exc}")
+            return
+        raise NotFoundError(f"ov-agent is not running: {exc}; no live agent in pid "
+                            f"file {pid_path}") from None
+    counters = " ".join(f"{k}={v}" for k, v in sorted(info["counters"].items()))
+    print(f"ov-agent {info['version']} (pid {info['pid']}) up {info['uptime']}s on {path}")
+    print(f"mode: {info['mode']}; key scope: {info['scope']}; default app: "
+          f"{info['default_app']}")
+    print(f"requests: {counters}")
 
 
 # -- assembly --------------------------------------------------------------
@@ -342,6 +437,7 @@ GROUPS = [
     ("env", "environments of an app", [env_create, env_list, env_delete]),
     ("secret", "secrets of an environment",
      [secret_set, secret_list, secret_delete, secret_import]),
+    ("agent", "the agent daemon", [agent_start, agent_stop, agent_status]),
 ]
 
 

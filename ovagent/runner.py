@@ -1,6 +1,7 @@
 """Starting the user's command with secrets in its environment (``ov run``)."""
 
 import os
+import signal
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, ExecError
 
@@ -16,6 +17,11 @@ def child_environment(base, secrets):
 def exec_with_secrets(argv, secrets):
     """Replace this process with argv: its exit status and signals become ours."""
     env = child_environment(os.environb, secrets)
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: restore
+    # the defaults so CMD behaves (and dies) as it would without ov.
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.execvpe(argv[0], argv, env)
     except FileNotFoundError:

@@ -134,8 +134,11 @@ class SqliteStore:
     def _connect(self):
         uri = "file:" + urllib.parse.quote(self.path) + "?mode=rw"
         try:
+            # check_same_thread=False: the agent shares one connection between
+            # its request threads and serializes them with its own lock.
             db = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                 timeout=BUSY_TIMEOUT_MS / 1000)
+                                 timeout=BUSY_TIMEOUT_MS / 1000,
+                                 check_same_thread=False)
         except sqlite3.OperationalError as exc:
             raise OvError(f"cannot open vault {self.path}: {exc}") from None
         if not stat.S_ISREG(os.stat(self.path).st_mode):

@@ -56,6 +56,11 @@ class Vault:
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(
                 f"vault {store.path} has missing or malformed metadata") from None
+        # meta values are untyped: an edited salt or id would crash Argon2 or the AAD
+        if not isinstance(self.vault_id, bytes) or not isinstance(self.salt, bytes) \
+                or len(self.salt) != crypto.SALT_LEN:
+            raise IntegrityError(f"vault {store.path} has a malformed salt or vault id: "
+                                 "the vault file was tampered with")
         self.kdf.validate()
 
     @classmethod

@@ -1,0 +1,456 @@
+"""``ov agent``: the daemon that holds the machine key and runs commands with secrets.
+
+One thread per connection (bounded by --max-clients); the main thread accepts,
+checks SO_PEERCRED before reading a byte, feeds the systemd watchdog and handles
+signals.  A connection carries exactly one request: the agent sends a fresh
+challenge, verifies the signed request (docs/protocol.rst), decrypts only the
+requested secrets, spawns the command with the client's fds, cwd, umask and
+environment plus the secrets (never the agent's own environment), relays signals
+and reports the exit status.  If the client vanishes, the command's process group
+gets SIGTERM, then SIGKILL after a grace period.
+"""
+
+import hmac
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+import uuid
+
+from . import __version__, protocol
+from .errors import NotFoundError, OvError, UsageError
+from .protocol import ProtocolError
+from .systemd_glue import Audit, Notifier, cgroup_path, peer_unit
+
+DEFAULT_MAX_CLIENTS = 64
+DEFAULT_GRACE = 5.0           # seconds between SIGTERM and SIGKILL of an orphan
+DEFAULT_DRAIN = 30.0          # seconds SIGTERM waits for running requests
+NONCE_CAPACITY = 100_000
+ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
+
+
+class NonceCache:
+    """Nonces seen within the clock window, expiring on the monotonic clock.
+
+    When full it refuses new requests rather than evicting a live entry (which
+    would re-open a replay window)."""
+
+    def __init__(self, capacity=NONCE_CAPACITY, ttl=2 * protocol.CLOCK_WINDOW + 1):
+        self.capacity, self.ttl = capacity, ttl
+        self._seen = {}
+        self._lock = threading.Lock()
+
+    def add(self, nonce):
+        """True if new; False if seen; raises ProtocolError(E_BUSY) when full."""
+        now = time.monotonic()
+        with self._lock:
+            if nonce in self._seen:
+                return False
+            if len(self._seen) >= self.capacity:
+                self._seen = {n: t for n, t in self._seen.items() if t > now}
+                if len(self._seen) >= self.capacity:
+                    raise ProtocolError(protocol.E_BUSY, "replay cache is full; retry")
+            self._seen[nonce] = now + self.ttl
+            return True
+
+
+class Peer:
+    def __init__(self, conn):
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.unit = peer_unit(self.pid)
+        self._conn = conn
+
+    def groups(self):
+        """Supplementary groups at connect time (SO_PEERGROUPS)."""
+        size = 4 * 256
+        raw = self._conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        return list(struct.unpack(f"{len(raw) // 4}I", raw))
+
+    def fields(self):
+        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid,
+                "peer_unit": self.unit}
+
+
+class KeyState:
+    """What the agent can decrypt with, and how it checks request MACs."""
+
+    def __init__(self, vault=None, keyring=None, mode="unconfigured", reason=None,
+                 key=None):
+        self.vault, self.keyring, self.mode, self.reason = vault, keyring, mode, reason
+        self.scope = keyring.scope if keyring else None
+        self._own_subkey = protocol.mac_key(key.get()) if key else None
+        self._app_subkeys = {}
+        self.lock = threading.Lock()   # the vault's SQLite connection is not shared-safe
+
+    def subkeys_for(self, app):
+        """MAC keys a request for *app* may be signed with: the agent's own key,
+        and (when the agent holds the KEK) that app's key (a scoped machine key)."""
+        keys = [self._own_subkey] if self._own_subkey else []
+        if self.keyring is not None and self.keyring.kek is not None:
+            record = self.vault.store.get_app(app)
+            if record is not None:
+                cache_key = (app, record.generation, record.wrapped_key)
+                if cache_key not in self._app_subkeys:
+                    app_key = self.vault.unwrap_app_key(self.keyring.kek, record)
+                    self._app_subkeys = {cache_key: protocol.mac_key(app_key)} | {
+                        k: v for k, v in self._app_subkeys.items() if k[0] != app}
+                keys.append(self._app_subkeys[cache_key])
+        return keys
+
+
+class Agent:
+    def __init__(self, listener, keys, *, default_app=None, max_clients=DEFAULT_MAX_CLIENTS,
+                 grace=DEFAULT_GRACE, drain=DEFAULT_DRAIN, audit=None, notifier=None):
+        self.listener = listener
+        self.keys = keys
+        self.default_app = default_app or keys.scope or "default"
+        self.max_clients, self.grace, self.drain = max_clients, grace, drain
+        self.audit = audit or Audit()
+        self.notifier = notifier or Notifier()
+        self.uid = os.geteuid()
+        self.started = time.monotonic()
+        self.nonces = NonceCache()
+        self.counters = {"accepted": 0, "denied": 0, "running": 0, "busy": 0}
+        self._lock = threading.Lock()
+        self._handlers = set()
+        self._detach_r, self._detach_w = os.pipe()
+        self._stop = False
+
+    # -- main loop -------------------------------------------------------------
+
+    def serve(self):
+        """Accept until SIGTERM/SIGINT, then drain.  Returns the exit status."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: None)
+        self.listener.setblocking(False)
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ, "accept")
+        selector.register(wake_r, selectors.EVENT_READ, "signal")
+        status = f"serving ({self.keys.mode})"
+        self.notifier.ready(status)
+        self.audit.event("ready", f"ov-agent ready, {status}", mode=self.keys.mode,
+                         scope=self.keys.scope)
+        next_watchdog = time.monotonic()
+        paused_until = None
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                if self.notifier.watchdog_interval and now >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = now + self.notifier.watchdog_interval
+                if paused_until is not None and now >= paused_until:
+                    selector.register(self.listener, selectors.EVENT_READ, "accept")
+                    paused_until = None
+                timeout = min(self.notifier.watchdog_interval or 1.0, ACCEPT_PAUSE
+                              if paused_until is not None else 1.0)
+                for key, _ in selector.select(timeout):
+                    if key.data == "signal":
+                        self._on_signals(wake_r)
+                    elif not self._accept():
+                        # Out of file descriptors: stop polling the listener for a
+                        # moment instead of spinning; queued clients wait in the backlog.
+                        selector.unregister(self.listener)
+                        paused_until = time.monotonic() + ACCEPT_PAUSE
+        finally:
+            signal.set_wakeup_fd(previous)
+            selector.close()
+        self._drain()
+        return 0
+
+    def _on_signals(self, wake_r):
+        try:
+            data = wake_r.recv(64)
+        except BlockingIOError:
+            return
+        if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in data):
+            self._stop = True
+            self.notifier.stopping("stopping: waiting for running requests")
+            self.audit.event("stopping", "ov-agent stopping", running=self.counters["running"])
+
+    def _accept(self):
+        """Accept one connection.  False when out of file descriptors."""
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
+            if exc.errno in (24, 23, 105, 12):  # EMFILE, ENFILE, ENOBUFS, ENOMEM
+                return False
+            raise
+        conn.setblocking(True)
+        try:
+            peer = Peer(conn)  # SO_PEERCRED before reading any byte
+        except OSError:
+            conn.close()
+            return True
+        if self.uid != 0 and peer.uid not in (self.uid, 0):
+            self._refuse(conn, peer, protocol.E_PEER,
+                         f"uid {peer.uid} may not use this agent (it serves uid {self.uid})")
+            return True
+        with self._lock:
+            if len(self._handlers) >= self.max_clients:
+                self.counters["busy"] += 1
+                busy = True
+            else:
+                busy = False
+        if busy:
+            self._refuse(conn, peer, protocol.E_BUSY,
+                         f"agent busy: {self.max_clients} requests already running")
+            return True
+        thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
+        with self._lock:
+            self._handlers.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._handlers.discard(thread)
+            self._refuse(conn, peer, protocol.E_BUSY, "agent cannot start a thread")
+        return True
+
+    def _refuse(self, conn, peer, code, message, **fields):
+        with self._lock:
+            self.counters["denied"] += 1
+        self.audit.event("denied", f"request denied: {message}", code=code, reason=message,
+                         **peer.fields(), **fields)
+        try:
+            conn.settimeout(1.0)
+            protocol.send_frame(conn, protocol.error_frame(code, message))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _drain(self):
+        """Let running requests finish (up to --drain seconds), then detach the rest."""
+        deadline = time.monotonic() + self.drain
+        while time.monotonic() < deadline:
+            with self._lock:
+                handlers = list(self._handlers)
+            if not handlers:
+                return
+            handlers[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
+        os.write(self._detach_w, b"x")
+        with self._lock:
+            handlers = list(self._handlers)
+        for thread in handlers:
+            thread.join(5.0)
+
+    # -- one connection ----------------------------------------------------------
+
+    def _handle(self, conn, peer):
+        request_id = uuid.uuid4().hex[:16]
+        fds = []
+        try:
+            challenge = os.urandom(protocol.CHALLENGE_BYTES).hex()
+            protocol.send_frame(conn, {"type": "hello", "version": protocol.VERSION,
+                                       "agent": f"ov-agent {__version__}",
+                                       "challenge": challenge})
+            obj, fds = protocol.recv_frame(conn, want_fds=True)
+            req = self._authenticate(obj, challenge, peer)
+            if req["op"] == "status":
+                self._close_fds(fds)
+                protocol.send_frame(conn, self.status())
+                return
+            self._run(conn, peer, req, fds, request_id)
+        except ProtocolError as exc:
+            self._close_fds(fds)
+            self._refuse(conn, peer, exc.code, str(exc), request_id=request_id)
+        except EOFError:
+            pass
+        except OSError:
+            pass  # the client went away mid-handshake
+        except OvError as exc:
+            self._close_fds(fds)
+            self._refuse(conn, peer, protocol.E_INTERNAL, str(exc), request_id=request_id)
+        except Exception as exc:  # never let one request take the agent down
+            self._close_fds(fds)
+            self._refuse(conn, peer, protocol.E_INTERNAL,
+                         f"internal error ({type(exc).__name__})", request_id=request_id)
+        finally:
+            conn.close()
+            with self._lock:
+                self._handlers.discard(threading.current_thread())
+
+    @staticmethod
+    def _close_fds(fds):
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+    def _authenticate(self, obj, challenge, peer):
+        """Schema, challenge, MAC, clock window, nonce: in that order."""
+        req = protocol.validate_request(obj)
+        if self.keys.vault is None:
+            raise ProtocolError(protocol.E_UNCONFIGURED, self.keys.reason)
+        app = req["app"] or self.default_app
+        auth_failed = ProtocolError(protocol.E_AUTH, "request authentication failed")
+        if not hmac.compare_digest(req["challenge"], challenge):
+            raise auth_failed
+        if req["mac"] is None:
+            if not (self.keys.mode == "interactive" and peer.uid == self.uid):
+                raise auth_failed
+        else:
+            with self.keys.lock:
+                subkeys = self.keys.subkeys_for(app)
+            if not any([protocol.mac_matches(k, req) for k in subkeys]):
+                raise auth_failed
+        if abs(time.time() - req["ts"]) > protocol.CLOCK_WINDOW:
+            raise ProtocolError(protocol.E_STALE, "request timestamp outside the "
+                                f"+-{protocol.CLOCK_WINDOW} s window (check the clock)")
+        if not self.nonces.add(req["nonce"]):
+            raise ProtocolError(protocol.E_REPLAY, "request was already used")
+        return req
+
+    def status(self):
+        with self._lock:
+            counters = dict(self.counters)
+        return {"type": "status", "version": __version__, "pid": os.getpid(),
+                "uptime": int(time.monotonic() - self.started), "mode": self.keys.mode,
+                "scope": self.keys.scope or "all apps", "default_app": self.default_app,
+                "counters": counters}
+
+    def _run(self, conn, peer, req, fds, request_id):
+        app, env = req["app"] or self.default_app, req["env"] or "production"
+        fields = dict(request_id=request_id, op="run", app=app, env=env,
+                      argv0=req["argv"][0], **peer.fields())
+        if len(fds) != 3:
+            raise ProtocolError(protocol.E_BAD_REQUEST,
+                                "a run request must carry stdin, stdout and stderr")
+        try:
+            with self.keys.lock:
+                values = self.keys.vault.reveal(self.keys.keyring, app, env, req["secrets"])
+        except NotFoundError as exc:
+            raise ProtocolError(protocol.E_NOT_FOUND, str(exc)) from None
+        except UsageError as exc:
+            raise ProtocolError(protocol.E_BAD_REQUEST, str(exc)) from None
+        except OvError as exc:
+            raise ProtocolError(protocol.E_AUTH if exc.exit_code == 4 else
+                                protocol.E_INTERNAL, str(exc)) from None
+        fields["secrets"] = sorted(values)
+        environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
+        environ.update({name.encode(): value for name, value in values.items()})
+        del values
+        try:
+            child = subprocess.Popen(
+                [os.fsencode(arg) for arg in req["argv"]], stdin=fds[0], stdout=fds[1],
+                stderr=fds[2], cwd=os.fsencode(req["cwd"]), env=environ,
+                umask=req["umask"], process_group=0, close_fds=True,
+                **self._identity(peer))
+        except OSError as exc:
+            status = 127 if isinstance(exc, FileNotFoundError) else 126
+            raise ProtocolError(protocol.E_EXEC, f"{req['argv'][0]}: {exc.strerror}"
+                                f" (exit {status})") from None
+        finally:
+            environ.clear()
+            self._close_fds(fds)
+        self._join_caller_cgroup(child.pid, peer)
+        with self._lock:
+            self.counters["accepted"] += 1
+            self.counters["running"] += 1
+        self.audit.event("accepted", f"running {req['argv'][0]} for uid {peer.uid}",
+                         child_pid=child.pid, **fields)
+        try:
+            protocol.send_frame(conn, {"type": "started", "pid": child.pid,
+                                       "request_id": request_id})
+            result = self._supervise(conn, child)
+        finally:
+            with self._lock:
+                self.counters["running"] -= 1
+        self.audit.event("exited", f"{req['argv'][0]} (pid {child.pid}) {result}",
+                         child_pid=child.pid, exit_status=child.returncode, outcome=result,
+                         **fields)
+
+    def _identity(self, peer):
+        """A root agent runs the command as the caller, never with more privilege."""
+        if self.uid != 0 or peer.uid == 0:
+            return {}
+        return {"user": peer.uid, "group": peer.gid, "extra_groups": peer.groups()}
+
+    def _join_caller_cgroup(self, pid, peer):
+        """On cgroup2 a root agent moves the command into the caller's cgroup, so it
+        belongs to the caller's unit (stopped with it, kept across agent restarts)."""
+        if self.uid != 0:
+            return
+        target = cgroup_path(peer.pid)
+        if not target or target == cgroup_path(os.getpid()):
+            return
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+            procs = os.path.join(root, target.lstrip("/"), "cgroup.procs")
+            try:
+                with open(procs, "w") as handle:
+                    handle.write(str(pid))
+                return
+            except OSError:
+                continue
+
+    def _supervise(self, conn, child):
+        """Relay signals until the child exits; kill its group if the client leaves."""
+        pidfd = os.pidfd_open(child.pid)
+        selector = selectors.DefaultSelector()
+        selector.register(pidfd, selectors.EVENT_READ, "child")
+        selector.register(conn, selectors.EVENT_READ, "client")
+        selector.register(self._detach_r, selectors.EVENT_READ, "detach")
+        kill_at = None
+        try:
+            while True:
+                timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+                events = selector.select(timeout)
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    self._signal_group(child.pid, signal.SIGKILL)
+                    kill_at = float("inf")
+                for key, _ in events:
+                    if key.data == "child":
+                        code = child.wait()
+                        frame = ({"type": "exit", "code": code, "signal": None} if code >= 0
+                                 else {"type": "exit", "code": None, "signal": -code})
+                        if kill_at is None:
+                            try:
+                                protocol.send_frame(conn, frame)
+                            except OSError:
+                                pass
+                            return (f"exited with status {code}" if code >= 0
+                                    else f"killed by signal {-code}")
+                        return f"terminated after its client went away (status {code})"
+                    if key.data == "detach":
+                        try:
+                            protocol.send_frame(conn, {"type": "detached", "pid": child.pid})
+                        except OSError:
+                            pass
+                        return "left running: the agent stopped"
+                    try:
+                        frame, _ = protocol.recv_frame(conn)
+                    except (EOFError, ProtocolError, OSError):
+                        selector.unregister(conn)
+                        self._signal_group(child.pid, signal.SIGTERM)
+                        kill_at = time.monotonic() + self.grace
+                        continue
+                    signum = frame.get("signal")
+                    if frame.get("type") == "signal" and type(signum) is int \
+                            and signum in RELAYED:
+                        self._signal_group(child.pid, signum)
+        finally:
+            selector.close()
+            os.close(pidfd)
+
+    @staticmethod
+    def _signal_group(pgid, signum):
+        try:
+            os.killpg(pgid, signum)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,194 @@
+"""``ov run --agent`` and ``ov agent status``: talking to a running agent.
+
+The client never starts an agent.  It checks who owns the socket, signs its request
+with the machine key it finds, hands over stdin/stdout/stderr, relays signals to the
+command and exits with the command's status (128+N for death by signal N).
+Imports stay minimal: this runs in front of every service start.
+"""
+
+import os
+import signal
+import socket
+import stat
+import sys
+
+from . import keyfile, protocol
+from .errors import EXIT_AGENT, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_USAGE, AgentError
+
+SYSTEM_SOCKET = "/run/ov-agent/ov-agent.sock"
+SYSTEM_KEY = "/etc/ov/machine.kek"
+CONNECT_TIMEOUT = 30.0   # a socket-activated agent may still be starting
+EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
+                 protocol.E_REPLAY: EXIT_AUTH, protocol.E_PEER: EXIT_AUTH,
+                 protocol.E_NOT_FOUND: EXIT_NOT_FOUND,
+                 protocol.E_BAD_REQUEST: EXIT_USAGE}
+
+
+def user_socket_path():
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "ov-agent", "ov-agent.sock") if runtime else None
+
+
+def default_socket_path():
+    """$OV_AGENT_SOCK, else the user's agent socket when it exists, else the system one."""
+    if os.environ.get("OV_AGENT_SOCK"):
+        return os.environ["OV_AGENT_SOCK"]
+    user = user_socket_path()
+    if user and os.path.exists(user):
+        return user
+    return SYSTEM_SOCKET
+
+
+def default_key_path():
+    """Where ``ov run --agent`` looks for a key when given none."""
+    if os.geteuid() == 0:
+        return SYSTEM_KEY
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(config, "ov", "machine.kek")
+
+
+def find_key(machine_key=None):
+    """--machine-key, else $CREDENTIALS_DIRECTORY/machine.kek, else the default path;
+    None when there is none (only an interactive agent accepts unsigned requests)."""
+    path = machine_key or keyfile.credential_path()
+    if path is None and os.path.exists(default_key_path()):
+        path = default_key_path()
+    return keyfile.read_key(path) if path else None
+
+
+def connect(path):
+    """Connect to the agent after checking the socket's owner (us or root)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise AgentError(_not_running(path, "no such socket")) from None
+    except OSError as exc:
+        raise AgentError(f"cannot use agent socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AgentError(f"{path} is not a socket")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise AgentError(f"agent socket {path} is owned by uid {st.st_uid}, "
+                         "neither you nor root; refusing to talk to it")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        raise AgentError(_not_running(path, "connection refused")) from None
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"cannot connect to agent at {path}: {exc.strerror}") from None
+    return sock
+
+
+def _not_running(path, why):
+    return (f"no agent is listening on {path} ({why}); start one with "
+            "'ov agent start' or 'systemctl start ov-agent.socket'")
+
+
+def _expect(sock, *types, timeout=CONNECT_TIMEOUT):
+    try:
+        frame, _ = protocol.recv_frame(sock, timeout=timeout)
+    except EOFError:
+        raise AgentError("the agent closed the connection") from None
+    except protocol.ProtocolError as exc:
+        raise AgentError(f"bad answer from the agent: {exc}") from None
+    except OSError as exc:
+        raise AgentError(f"lost the agent: {exc.strerror or exc}") from None
+    if frame["type"] == "error":
+        code, message = str(frame.get("code")), str(frame.get("message"))
+        raise _refused(code, message)
+    if frame["type"] not in types:
+        raise AgentError(f"unexpected {frame['type']!r} frame from the agent")
+    return frame
+
+
+def _refused(code, message):
+    error = AgentError(f"agent refused the request: {message} [{code}]")
+    error.exit_code = EXIT_FOR_CODE.get(code, EXIT_AGENT)
+    if code == protocol.E_EXEC:
+        error.exit_code = 127 if message.endswith("(exit 127)") else 126
+    return error
+
+
+def _signed(sock, op, key, **fields):
+    hello = _expect(sock, "hello")
+    if not isinstance(hello.get("challenge"), str):
+        raise AgentError("the agent sent no challenge")
+    req = protocol.new_request(op, hello["challenge"], **fields)
+    if key is not None:
+        req["mac"] = protocol.sign(protocol.mac_key(key), req)
+    return req
+
+
+def status(socket_path, key):
+    sock = connect(socket_path)
+    with sock:
+        try:
+            protocol.send_frame(sock, _signed(sock, "status", key))
+        except OSError as exc:
+            raise AgentError(f"lost the agent: {exc.strerror}") from None
+        return _expect(sock, "status")
+
+
+def run(argv, *, socket_path, key, app, env, secrets):
+    """Run argv through the agent; return the exit status to exit with."""
+    sock = connect(socket_path)
+    old_umask = os.umask(0)
+    os.umask(old_umask)
+    environ = {os.fsdecode(k): os.fsdecode(v) for k, v in os.environb.items()}
+    try:
+        req = _signed(sock, "run", key, app=app, env=env, secrets=secrets, argv=argv,
+                      environ=environ, cwd=os.getcwd(), umask=old_umask)
+        protocol.send_frame(sock, req, fds=(0, 1, 2))
+    except OSError as exc:
+        raise AgentError(f"lost the agent: {exc.strerror}") from None
+    _expect(sock, "started")
+    return _wait(sock)
+
+
+def _wait(sock):
+    """Relay signals to the command until the agent reports its exit."""
+    import selectors
+
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    for name in protocol.RELAYED_SIGNALS:
+        signal.signal(getattr(signal, name), lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, "agent")
+    selector.register(wake_r, selectors.EVENT_READ, "signal")
+    while True:
+        for key, _ in selector.select():
+            if key.data == "signal":
+                for signum in wake_r.recv(64):
+                    try:
+                        protocol.send_frame(sock, {"type": "signal", "signal": signum})
+                    except OSError:
+                        pass
+                continue
+            frame = _expect(sock, "exit", "detached", timeout=protocol.FRAME_TIMEOUT)
+            if frame["type"] == "detached":
+                return _wait_detached(frame.get("pid"))
+            if frame.get("signal"):
+                return 128 + int(frame["signal"])
+            return int(frame["code"])
+
+
+def _wait_detached(pid):
+    """The agent stopped while the command runs: it keeps running; wait for it."""
+    print(f"ov: the agent stopped; command (pid {pid}) keeps running, its exit status "
+          "will not be known", file=sys.stderr)
+    if type(pid) is not int or pid <= 0:
+        return EXIT_AGENT
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return EXIT_AGENT
+    select.select([pidfd], [], [])
+    return EXIT_AGENT

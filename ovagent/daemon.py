@@ -1,0 +1,255 @@
+"""The agent process's lifecycle: where the key comes from, the socket (inherited
+from systemd or bound by hand), detaching, the pid file, and ``ov agent stop``.
+"""
+
+import os
+import signal
+import socket
+import stat
+import sys
+
+from . import keyfile
+from .errors import EXIT_NOT_FOUND, NotFoundError, OvError, UsageError
+from .systemd_glue import Audit, inherited_listener, journal_available, under_systemd
+
+PID_FILE_NAME = "ov-agent.pid"
+NO_KEY_HELP = ("create a machine key with 'ov auth derive-machine-key --out "
+               "/etc/ov/machine.kek' (mode 0600), then 'systemctl restart ov-agent.service'")
+
+
+def default_agent_socket():
+    from .client import SYSTEM_SOCKET, user_socket_path
+
+    if os.environ.get("OV_AGENT_SOCK"):
+        return os.environ["OV_AGENT_SOCK"]
+    if os.geteuid() != 0 and user_socket_path():
+        return user_socket_path()
+    return SYSTEM_SOCKET
+
+
+def default_pid_file(socket_path=None):
+    return os.path.join(os.path.dirname(socket_path or default_agent_socket()),
+                        PID_FILE_NAME)
+
+
+# -- the key -------------------------------------------------------------------
+
+
+def load_keyring(machine_key, vault_path, app, systemd):
+    """Unlock the vault for the agent.  Returns (vault, keyring, mode, key bytes) or,
+    under systemd with nothing to unlock with, (None, None, 'unconfigured', reason)."""
+    from .cli import _prompt
+    from .store import default_vault_path
+    from .vault import Vault
+
+    key_path = machine_key or keyfile.credential_path()
+    if key_path is None and not (sys.stdin.isatty() and not systemd):
+        if systemd:
+            return None, None, "unconfigured", f"the agent has no machine key: {NO_KEY_HELP}"
+        raise UsageError("no machine key: pass --machine-key PATH, provide the systemd "
+                         "credential machine.kek, or start on a terminal to unlock with "
+                         "the master password")
+    key = keyfile.read_key(key_path) if key_path else None
+    try:
+        vault = Vault.open(vault_path or default_vault_path())
+    except NotFoundError as exc:
+        if systemd:
+            return None, None, "unconfigured", f"{exc}"
+        raise
+    if key is not None:
+        keyring = vault.unlock_key(key, app)
+        mode = "machine-key" if keyring.kek is not None else "scoped-key"
+        return vault, keyring, mode, key
+    keyring = vault.unlock(_prompt("Master password: "))
+    return vault, keyring, "interactive", keyring.kek
+
+
+# -- the socket ----------------------------------------------------------------
+
+
+def bind_socket(path):
+    """Bind path ourselves: 0700 directory and 0600 socket from the first instant,
+    refusing unsafe directories and live agents, replacing a stale socket."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    old = os.umask(0o077)
+    try:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise OvError(f"cannot create {directory}: {exc.strerror}") from None
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"socket directory {directory} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise UsageError(f"socket directory {directory} is owned by uid {st.st_uid}, "
+                             "not by us")
+        if st.st_mode & 0o022:
+            raise UsageError(f"socket directory {directory} is group- or world-writable")
+        _remove_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise OvError(f"cannot bind {path}: {exc.strerror}") from None
+        sock.listen(128)
+        return sock, os.lstat(path).st_ino
+    finally:
+        os.umask(old)
+
+
+def _remove_stale(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: a stale socket from a dead agent
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise UsageError(f"an agent is already listening on {path}")
+
+
+def _remove_if_ours(path, inode):
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- starting ------------------------------------------------------------------
+
+
+def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
+          foreground=False, vault=None, max_clients=None, grace=None, drain=None):
+    from .agent import Agent, KeyState
+    from .secmem import LockedKey, harden_process
+
+    hardening = harden_process()
+    systemd = under_systemd()
+    vault_obj, keyring, mode, key_or_reason = load_keyring(machine_key, vault, app, systemd)
+    listener = inherited_listener() if systemd else None
+    created = None
+    if listener is None:
+        socket_path = socket_path or default_agent_socket()
+        listener, created = bind_socket(socket_path)
+        pid_file = pid_file or default_pid_file(socket_path)
+    detach = not foreground and not systemd
+    ready_w = _detach() if detach else None
+    key = LockedKey(key_or_reason) if vault_obj is not None else None
+    audit = Audit(use_journal=journal_available() or
+                  (detach and os.path.exists("/run/systemd/journal/socket")))
+    if pid_file:
+        try:
+            _write_pid_file(pid_file)
+        except OSError as exc:
+            _report(ready_w, f"cannot write pid file {pid_file}: {exc.strerror}")
+            raise OvError(f"cannot write pid file {pid_file}: {exc.strerror}") from None
+    keys = KeyState(vault_obj, keyring, mode,
+                    None if key else key_or_reason, key)
+    options = {name: value for name, value in
+               (("max_clients", max_clients), ("grace", grace), ("drain", drain))
+               if value is not None}
+    agent = Agent(listener, keys, default_app=app, audit=audit, **options)
+    where = socket_path or "systemd socket"
+    audit.event("started", f"ov-agent started on {where} ({mode})", mode=mode,
+                scope=keys.scope, socket=where, hardening=hardening + (
+                    key.protections if key else []))
+    if mode == "interactive":
+        audit.event("started", "interactive mode: unsigned requests are accepted only "
+                    "from this uid, checked with SO_PEERCRED on every connection")
+    if key is None:
+        audit.event("unconfigured", f"ov-agent cannot serve: {key_or_reason}")
+    _report(ready_w, "ok")
+    try:
+        return agent.serve()
+    finally:
+        if created is not None:
+            _remove_if_ours(socket_path, created)
+        if pid_file:
+            _remove_pid_file(pid_file)
+        if key is not None:
+            key.close()
+
+
+def _report(ready_w, message):
+    """Tell the waiting foreground parent 'ok' or why we failed."""
+    if ready_w is not None:
+        os.write(ready_w, message.encode()[:512])
+        os.close(ready_w)
+
+
+def _detach():
+    """Fork into the background; the foreground parent exits once we say ready."""
+    ready_r, ready_w = os.pipe()
+    if os.fork() > 0:
+        os.close(ready_w)
+        message = os.read(ready_r, 512).decode(errors="replace")
+        if message != "ok":
+            print(f"ov: agent failed to start: {message or 'it died'}", file=sys.stderr)
+        os._exit(0 if message == "ok" else 1)
+    os.close(ready_r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.chdir("/")
+    return ready_w
+
+
+def _write_pid_file(path):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="ascii") as handle:
+        handle.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _remove_pid_file(path):
+    if read_pid_file(path) == os.getpid():
+        os.unlink(path)
+
+
+def read_pid_file(path):
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read(32).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def agent_alive(pid):
+    """True if pid runs an ov agent (not merely some process that reused the pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return b"agent" in argv and any(arg.endswith((b"ov", b"ovagent")) for arg in argv)
+
+
+def stop(pid_file):
+    pid = read_pid_file(pid_file)
+    if pid is None or not agent_alive(pid):
+        err = OvError(f"no running agent found via pid file {pid_file}")
+        err.exit_code = EXIT_NOT_FOUND
+        raise err
+    os.kill(pid, signal.SIGTERM)
+    return pid
