@@ -122,14 +122,25 @@ def _signed(sock, op, key, **fields):
     return req
 
 
+def _explain_unsigned(error, key):
+    """An unsigned request was refused: say where a key would have come from."""
+    if key is None and error.exit_code == EXIT_AUTH:
+        error.args = (f"{error} (no machine key found: pass --machine-key, or provide "
+                      f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or "
+                      f"{default_key_path()})",)
+    return error
+
+
 def status(socket_path, key):
     sock = connect(socket_path)
     with sock:
         try:
             protocol.send_frame(sock, _signed(sock, "status", key))
+            return _expect(sock, "status")
         except OSError as exc:
             raise AgentError(f"lost the agent: {exc.strerror}") from None
-        return _expect(sock, "status")
+        except AgentError as exc:
+            raise _explain_unsigned(exc, key) from None
 
 
 def run(argv, *, socket_path, key, app, env, secrets):
@@ -142,9 +153,11 @@ def run(argv, *, socket_path, key, app, env, secrets):
         req = _signed(sock, "run", key, app=app, env=env, secrets=secrets, argv=argv,
                       environ=environ, cwd=os.getcwd(), umask=old_umask)
         protocol.send_frame(sock, req, fds=(0, 1, 2))
+        _expect(sock, "started")
     except OSError as exc:
         raise AgentError(f"lost the agent: {exc.strerror}") from None
-    _expect(sock, "started")
+    except AgentError as exc:
+        raise _explain_unsigned(exc, key) from None
     return _wait(sock)
 
 
