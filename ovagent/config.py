@@ -4,7 +4,6 @@
 """
 
 import os
-from dataclasses import dataclass
 
 from .errors import UsageError
 from .validate import check_name, check_slug
@@ -15,11 +14,13 @@ DEFAULT_ENV = "production"
 _KEYS = {"app", "env", "secrets"}
 
 
-@dataclass
 class Target:
-    app: str | None       # None: nothing chose one (the agent applies its --app)
-    env: str
-    secrets: list | None  # None: every secret of app/env
+    """What to run with.  app None: nothing chose one (the agent applies its --app);
+    secrets None: every secret of app/env.  (A plain class: dataclasses would pull
+    inspect into the client's start-up.)"""
+
+    def __init__(self, app, env, secrets):
+        self.app, self.env, self.secrets = app, env, secrets
 
 
 def project_file(start=None):

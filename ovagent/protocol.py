@@ -265,12 +265,16 @@ def signed_bytes(req):
 
 
 def mac_key(machine_key):
-    """HKDF-SHA256 subkey for request MACs: the raw machine key is never a MAC key."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    """HKDF-SHA256 (RFC 5869) subkey for request MACs: the raw machine key is never
+    a MAC key.
 
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=HKDF_INFO).derive(machine_key)
+    Written with the stdlib's hmac instead of cryptography's HKDF because importing
+    cryptography costs ~30 ms on every ``ov run --agent``; for one 32-byte output
+    block HKDF is exactly these two HMACs, and tests/test_protocol_kdf.py checks the
+    result against cryptography's HKDF for arbitrary keys."""
+    prk = hmac.new(bytes(hashlib.sha256().digest_size), machine_key,
+                   hashlib.sha256).digest()                       # extract, salt = zeros
+    return hmac.new(prk, HKDF_INFO + b"\x01", hashlib.sha256).digest()  # expand, T(1)
 
 
 def sign(subkey, req):
