@@ -3,6 +3,7 @@ with the documented code (see ovagent.errors); argh < 0.29 would exit 0 on its o
 CommandError, so we never rely on it.
 """
 
+import argparse
 import getpass
 import inspect
 import os
@@ -10,19 +11,15 @@ import sys
 
 import argh
 
-from . import __version__, config, keyfile
-from .errors import EXIT_INTERRUPTED, NotFoundError, OvError, UsageError
+from . import __version__, config, entry, keyfile
+from .errors import NotFoundError, OvError, UsageError
 from .validate import check_name
 
 MIN_PASSWORD_LEN = 8
 
-VAULT = argh.arg("--vault", metavar="PATH",
-                 help="vault file (default: $OV_VAULT, /var/lib/ov/vault.db for root, "
-                      "else $XDG_DATA_HOME/ov/vault.db)")
-APP = argh.arg("--app", metavar="SLUG",
-               help="app (default: .ov.yaml, user config, then 'default')")
-ENV = argh.arg("--env", metavar="SLUG",
-               help="environment (default: .ov.yaml, user config, then 'production')")
+VAULT = argh.arg("--vault", metavar="PATH", help=entry.VAULT_HELP)
+APP = argh.arg("--app", metavar="SLUG", help=entry.APP_HELP)
+ENV = argh.arg("--env", metavar="SLUG", help=entry.ENV_HELP)
 MACHINE_KEY = argh.arg("--machine-key", metavar="PATH",
                        help="unlock with this machine key file instead of the password")
 PASSWORD_STDIN = argh.arg("--password-stdin",
@@ -313,38 +310,24 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
 
 # -- ov run ----------------------------------------------------------------
 
-SOCKET = argh.arg("--socket", metavar="PATH",
-                  help="agent socket (default: $OV_AGENT_SOCK, else "
-                       "$XDG_RUNTIME_DIR/ov-agent/ov-agent.sock when it exists, else "
-                       "/run/ov-agent/ov-agent.sock)")
+SOCKET = argh.arg("--socket", metavar="PATH", help=entry.SOCKET_HELP)
 
 
-@argh.arg("command", nargs="+", metavar="CMD", help="the command and its arguments")
-@argh.arg("--agent", help="let the running agent decrypt and spawn CMD; plaintext "
-                          "never leaves the agent")
-@SOCKET
-@argh.arg("--machine-key", metavar="PATH",
-          help="machine key (default with --agent: $CREDENTIALS_DIRECTORY/machine.kek, "
-               "else /etc/ov/machine.kek for root or $XDG_CONFIG_HOME/ov/machine.kek)")
-@APP
-@ENV
-@argh.arg("--secrets", metavar="A,B",
-          help="only these secrets (default: .ov.yaml's list, else all of app/env)")
-@VAULT
+def _declare(arguments):
+    """Apply argparse declarations (flags, kwargs) as argh decorators."""
+    def decorate(function):
+        for flags, kwargs in reversed(arguments):
+            function = argh.arg(*flags, **kwargs)(function)
+        return function
+    return decorate
+
+
+@_declare(entry.RUN_ARGUMENTS)
 def run(*command, agent=False, socket=None, machine_key=None, app=None, env=None,
         secrets=None, vault=None):
-    """Run CMD with secrets added to its environment.  Without --agent, ov decrypts
-    and replaces itself with CMD; with --agent, the agent spawns CMD and ov relays
-    signals and exits with CMD's status (128+N if killed by signal N)."""
-    if agent:
-        from . import client
-
-        if vault:
-            raise UsageError("--vault is the agent's business; it cannot go with --agent")
-        target = config.resolve(app, env, secrets)
-        sys.exit(client.run(list(command), socket_path=socket or client.default_socket_path(),
-                            key=client.find_key(machine_key), app=target.app,
-                            env=target.env, secrets=target.secrets))
+    if agent:  # normally served by ovagent.entry without loading this module
+        sys.exit(entry.run_via_agent(command, socket=socket, machine_key=machine_key,
+                                     app=app, env=env, secrets=secrets, vault=vault))
     if socket:
         raise UsageError("--socket needs --agent")
     from .runner import exec_with_secrets
@@ -354,6 +337,9 @@ def run(*command, agent=False, socket=None, machine_key=None, app=None, env=None
     keyring = _unlock(opened, machine_key, app=target.app)
     values = opened.reveal(keyring, target.app, target.env, target.secrets)
     exec_with_secrets(list(command), values)
+
+
+run.__doc__ = entry.RUN_DOC
 
 
 # -- ov agent --------------------------------------------------------------
@@ -451,21 +437,28 @@ def _add_group(parser, name, help_text, functions):
                           namespace_kwargs={"help": help_text, "title": help_text})
 
 
+def _drop_short_options(parser):
+    """argh >= 0.30 invents one-letter options (-a for --app) that argh 0.26 does not:
+    drop them so the CLI, its --help and the man pages are the same everywhere."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _drop_short_options(subparser)
+        short = [o for o in action.option_strings if len(o) == 2 and o != "-h"]
+        for option in short:
+            action.option_strings.remove(option)
+            parser._option_string_actions.pop(option, None)
+
+
 def build_parser():
     parser = argh.ArghParser(prog="ov", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ov {__version__}")
     for name, help_text, functions in GROUPS:
         _add_group(parser, name, help_text, functions)
     argh.add_commands(parser, [run])
+    _drop_short_options(parser)
     return parser
 
 
 def main(argv=None):
-    try:
-        argh.dispatch(build_parser(), argv=argv, completion=False)
-    except OvError as exc:
-        print(f"ov: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("ov: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    entry.report_errors(argh.dispatch, build_parser(), argv=argv, completion=False)
