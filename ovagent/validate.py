@@ -36,3 +36,21 @@ def check_value(name, value):
         raise UsageError(
             f"value of {name} is {len(value)} bytes; the limit is {MAX_VALUE_BYTES}")
     return value
+
+
+# Variables that make a dynamic loader, shell or runtime load code: a secret with such
+# a name is injected only when the caller names it explicitly (--secrets), never as
+# part of "all secrets of app/env" (docs/security.rst).
+DANGEROUS_NAMES = frozenset({
+    "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "GLOBIGNORE",
+    "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT",
+    "PYTHONUSERBASE", "PERL5LIB", "PERL5OPT", "PERLLIB", "RUBYLIB", "RUBYOPT",
+    "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS",
+    "CLASSPATH", "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCPATH", "NLSPATH",
+    "MALLOC_CHECK_", "TMPDIR", "GIT_EXEC_PATH", "GIT_SSH_COMMAND", "EDITOR", "PAGER",
+})
+DANGEROUS_PREFIXES = ("LD_", "DYLD_", "GLIBC_")
+
+
+def is_dangerous_name(name):
+    return name in DANGEROUS_NAMES or name.startswith(DANGEROUS_PREFIXES)

@@ -16,7 +16,7 @@ import time
 from . import crypto
 from .errors import AuthError, IntegrityError, NotFoundError, UsageError
 from .store import AppRecord, SecretRecord, SqliteStore
-from .validate import check_name, check_slug, check_value
+from .validate import check_name, check_slug, check_value, is_dangerous_name
 
 class Keyring:
     """Unlocked key material: the KEK, or a single app's key (scoped machine key)."""
@@ -265,6 +265,12 @@ class Vault:
         if names is not None and len(records) != len(names):
             missing = sorted(set(names) - {r.name for r in records})
             raise NotFoundError(f"no secret {', '.join(missing)} in {app}/{env}")
+        if names is None:
+            risky = [r.name for r in records if is_dangerous_name(r.name)]
+            if risky:
+                raise UsageError(
+                    f"{app}/{env} holds {', '.join(risky)}, which would change how "
+                    "programs load code; inject it only by naming it in --secrets")
         values = {}
         for record in records:
             what = f"secret {record.name} v{record.version}"
