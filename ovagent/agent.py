@@ -343,6 +343,10 @@ class Agent:
             raise ProtocolError(protocol.E_AUTH if exc.exit_code == 4 else
                                 protocol.E_INTERNAL, str(exc)) from None
         fields["secrets"] = sorted(values)
+        if not self.audit.event("accepted", f"running {req['argv'][0]} for uid "
+                                f"{peer.uid}", **fields):
+            raise ProtocolError(protocol.E_INTERNAL, "audit log unavailable; refusing "
+                                "to run anything unaudited")
         environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
         environ.update({name.encode(): value for name, value in values.items()})
         del values
@@ -363,8 +367,6 @@ class Agent:
         with self._lock:
             self.counters["accepted"] += 1
             self.counters["running"] += 1
-        self.audit.event("accepted", f"running {req['argv'][0]} for uid {peer.uid}",
-                         child_pid=child.pid, **fields)
         try:
             protocol.send_frame(conn, {"type": "started", "pid": child.pid,
                                        "request_id": request_id})

@@ -100,6 +100,7 @@ class Audit:
             self._send = journal.send
 
     def event(self, kind, message, **fields):
+        """Record one event; False if no sink (journal, then stderr) took it."""
         fields = {key.upper(): _field(value) for key, value in fields.items()
                   if value is not None}
         if self._send is not None:
@@ -107,15 +108,16 @@ class Audit:
                 self._send(MESSAGE=message, MESSAGE_ID=MESSAGE_IDS[kind],
                            PRIORITY=str(PRIORITY.get(kind, 6)),
                            SYSLOG_IDENTIFIER="ov-agent", OV_EVENT=kind, **fields)
-                return
+                return True
             except OSError:
                 pass  # journald unreachable: never lose the record, use stderr
         details = " ".join(f"{key.lower()}={value}" for key, value in fields.items())
         try:
             print(f"ov-agent[{os.getpid()}]: {kind}: {message}" +
                   (f" ({details})" if details else ""), file=sys.stderr, flush=True)
-        except OSError:
-            pass
+            return True
+        except (OSError, ValueError):
+            return False
 
 
 def _field(value):
