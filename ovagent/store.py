@@ -102,6 +102,8 @@ class SqliteStore:
         if not os.path.exists(self.path):
             raise NotFoundError(
                 f"no vault at {self.path}; create one with 'ov auth init'")
+        if not stat.S_ISREG(os.stat(self.path).st_mode):
+            raise UsageError(f"vault {self.path} is not a regular file")
         self._db = self._connect()
 
     @classmethod
@@ -141,8 +143,6 @@ class SqliteStore:
                                  check_same_thread=False)
         except sqlite3.OperationalError as exc:
             raise OvError(f"cannot open vault {self.path}: {exc}") from None
-        if not stat.S_ISREG(os.stat(self.path).st_mode):
-            raise UsageError(f"vault {self.path} is not a regular file")
         db.execute("PRAGMA foreign_keys = ON")
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
@@ -214,9 +214,13 @@ class SqliteStore:
 
     @_guarded
     def put_app(self, record):
+        """Insert or update in place: REPLACE would delete the row first and cascade
+        to the app's environments and secrets."""
         self._db.execute(
-            "INSERT OR REPLACE INTO apps (name, wrapped_key, key_check, generation, "
-            "created) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO apps (name, wrapped_key, key_check, generation, created) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "wrapped_key = excluded.wrapped_key, key_check = excluded.key_check, "
+            "generation = excluded.generation, created = excluded.created",
             (record.name, record.wrapped_key, record.key_check, record.generation,
              record.created))
 

@@ -6,8 +6,11 @@ known password, app ``demo``, env ``production``, a few secrets and machine keys
 built once per session and copied per test.
 """
 
+import hashlib
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -110,3 +113,65 @@ def demo(template_vault, tmp_path, home):
     runner = Ov(ov_env(home, tmp_path / "vault" / "vault.db"), tmp_path)
     return DemoVault(tmp_path / "vault" / "vault.db", keys["machine.kek"],
                      keys["demo.kek"], runner)
+
+
+# -- helpers for the vault and CLI suites (fixtures returning callables) -------------
+
+PROBE = ("import hashlib, json, os; print(json.dumps({k.decode(errors='replace'): "
+         "hashlib.sha256(v).hexdigest() for k, v in os.environb.items()}))")
+
+
+def _digest(value):
+    return hashlib.sha256(
+        value if isinstance(value, bytes) else value.encode()).hexdigest()
+
+
+@pytest.fixture
+def digest():
+    """sha256 hex of a str or bytes value: tests compare digests, never print values."""
+    return _digest
+
+
+@pytest.fixture
+def env_digests():
+    """Run ``ov run ARGS -- python PROBE``; return {variable: sha256 of its value} as
+    seen by the command (values themselves never reach the test output)."""
+
+    def run(ov, *args, **kwargs):
+        result = ov("run", *args, "--", sys.executable, "-c", PROBE, check=0, **kwargs)
+        return json.loads(result.out)
+
+    return run
+
+
+@pytest.fixture
+def expect_error():
+    """Check a failed ov command: the exit code, exactly one ``ov: `` line on stderr
+    containing *fragments*, nothing on stdout, no traceback, no SENTINEL anywhere."""
+
+    def check(result, code, *fragments):
+        assert result.returncode == code, (result.returncode, result.out, result.err)
+        assert "Traceback" not in result.err
+        assert SENTINEL not in result.out and SENTINEL not in result.err
+        lines = result.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ov: "), result.err
+        assert result.out == "", result.out
+        for fragment in fragments:
+            assert fragment in lines[0], (fragment, lines[0])
+        return lines[0]
+
+    return check
+
+
+@pytest.fixture
+def vault_dump():
+    """Every row of a vault as SQL text: equal dumps mean nothing was written."""
+
+    def dump(path):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return list(db.iterdump())
+        finally:
+            db.close()
+
+    return dump

@@ -1,0 +1,635 @@
+"""The vault in-process: key hierarchy, scope, rotation, and tamper detection over
+every stored ciphertext byte (Hypothesis), plus the pure helpers it is built on
+(crypto seal/unseal, canonical encoding, validation).
+
+One real vault is created per module (Argon2id at the floor costs ~0.15 s); each
+example works on a fresh copy of its bytes.  Password unlocks go through a cached
+derive_kek so examples stay fast; the cache changes no result.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import PASSWORD, SENTINEL
+from ovagent import canonical, crypto
+from ovagent.errors import AuthError, IntegrityError, NotFoundError, UsageError
+from ovagent.validate import MAX_VALUE_BYTES, check_name, check_slug, check_value
+from ovagent.vault import Vault
+
+APPS = ("demo", "other")
+CONTENT = {
+    ("demo", "production"): {"A": b"alpha", "B": b"", "C": bytes(range(1, 256))},
+    ("demo", "staging"): {"A": SENTINEL.encode()},
+    ("other", "production"): {"A": b"other-alpha", "D": b"d" * 1000},
+}
+WAYS = ("password", "kek", "scoped-demo", "scoped-other")
+TAMPER = settings(max_examples=150, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+@dataclass
+class Built:
+    data: bytes              # the pristine vault file
+    kek: bytes
+    scoped: dict             # app -> its key (a scoped machine key)
+    work: Path               # scratch directory for per-example copies
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_kdf():
+    """Argon2id once per (password, salt, params): same results, no 0.15 s per unlock."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crypto, "derive_kek", functools.lru_cache(None)(crypto.derive_kek))
+        yield
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vault")
+    vault, keyring = Vault.create(str(base / "vault.db"), PASSWORD.encode())
+    for app in APPS:
+        vault.create_app(keyring, app)
+    for (app, env), secrets in CONTENT.items():
+        vault.create_env(app, env)
+        vault.set_secrets(keyring, app, env, secrets)
+    scoped = {app: keyring.app_key(app) for app in APPS}
+    vault.store.close()  # checkpoints the WAL: the file alone is the whole vault
+    assert not (base / "vault.db-wal").exists()
+    (base / "work").mkdir()
+    return Built((base / "vault.db").read_bytes(), keyring.kek, scoped, base / "work")
+
+
+def fresh_copy(built, name="vault.db"):
+    path = built.work / name
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if leftover.exists():
+            leftover.unlink()
+    path.write_bytes(built.data)
+    return path
+
+
+@pytest.fixture
+def vault_path(built, tmp_path):
+    path = tmp_path / "vault.db"
+    path.write_bytes(built.data)
+    return path
+
+
+def digests(values):
+    """Name -> sha256 of the value: failures show digests, never plaintexts."""
+    return {name: hashlib.sha256(value).hexdigest() for name, value in values.items()}
+
+
+def expected(way):
+    apps = APPS if way in ("password", "kek") else (way.split("-", 1)[1],)
+    return {key: digests(values) for key, values in CONTENT.items() if key[0] in apps}
+
+
+def read_every_way(path, built):
+    """For each way of unlocking, the digests of every secret it can read, or the
+    error it raised.  Any exception other than IntegrityError/AuthError propagates
+    and fails the test."""
+    unlockers = {
+        "password": lambda vault: vault.unlock(PASSWORD.encode()),
+        "kek": lambda vault: vault.unlock_key(built.kek),
+        "scoped-demo": lambda vault: vault.unlock_key(built.scoped["demo"], "demo"),
+        "scoped-other": lambda vault: vault.unlock_key(built.scoped["other"], "other"),
+    }
+    results = {}
+    for way, unlock in unlockers.items():
+        try:
+            vault = Vault.open(str(path))
+        except (IntegrityError, AuthError) as exc:
+            results[way] = exc
+            continue
+        try:
+            keyring = unlock(vault)
+            results[way] = {key: digests(vault.reveal(keyring, *key))
+                            for key in expected(way)}
+        except (IntegrityError, AuthError) as exc:
+            results[way] = exc
+        finally:
+            vault.store.close()
+    return results
+
+
+def test_pristine_copy_reads_back_every_way(built):
+    results = read_every_way(fresh_copy(built), built)
+    assert results == {way: expected(way) for way in WAYS}
+
+
+# -- tamper detection over every stored ciphertext byte --------------------------
+
+
+@dataclass(frozen=True)
+class Blob:
+    table: str
+    column: str
+    rowid: int
+    kind: str
+    app: str | None
+
+    def readers(self):
+        """The unlock ways that must read (and so must reject) this blob."""
+        if self.kind == "wrapped_kek":
+            return {"password"}
+        if self.kind == "kek_check":
+            return {"kek"}
+        if self.kind == "wrapped_key":
+            return {"password", "kek"}
+        return {"password", "kek", f"scoped-{self.app}"}
+
+
+def blobs_of(data, work):
+    path = work / "inventory.db"
+    path.write_bytes(data)
+    db = sqlite3.connect(path)
+    try:
+        found = [Blob("meta", "value", rowid, key, None) for rowid, key in db.execute(
+            "SELECT rowid, key FROM meta WHERE key IN ('wrapped_kek', 'kek_check') "
+            "ORDER BY key")]
+        for rowid, app in db.execute("SELECT rowid, name FROM apps ORDER BY name"):
+            found += [Blob("apps", column, rowid, column, app)
+                      for column in ("wrapped_key", "key_check")]
+        for rowid, app in db.execute("SELECT rowid, app FROM secrets ORDER BY rowid"):
+            found += [Blob("secrets", column, rowid, column, app)
+                      for column in ("wrapped_dek", "ciphertext")]
+    finally:
+        db.close()
+    return found
+
+
+@pytest.fixture(scope="module")
+def blobs(built):
+    found = blobs_of(built.data, built.work)
+    assert {b.kind for b in found} == {"wrapped_kek", "kek_check", "wrapped_key",
+                                      "key_check", "wrapped_dek", "ciphertext"}
+    assert len(found) == 2 + 2 * len(APPS) + 2 * sum(map(len, CONTENT.values()))
+    return found
+
+
+def get_blob(db, blob):
+    (value,) = db.execute(f"SELECT {blob.column} FROM {blob.table} WHERE rowid = ?",
+                          (blob.rowid,)).fetchone()
+    assert isinstance(value, bytes)
+    return value
+
+
+def put_blob(db, blob, value):
+    db.execute(f"UPDATE {blob.table} SET {blob.column} = ? WHERE rowid = ?",
+               (value, blob.rowid))
+
+
+def tamper(built, edits):
+    """Copy the pristine vault and apply edits(db); return the copy's path."""
+    path = fresh_copy(built)
+    db = sqlite3.connect(path)
+    try:
+        edits(db)
+        db.commit()
+    finally:
+        db.close()
+    return path
+
+
+def assert_detected(results, readers):
+    """Every way that reads a tampered blob fails with IntegrityError or AuthError;
+    every other way reads exactly the original plaintexts (never wrong ones)."""
+    for way in WAYS:
+        if way in readers:
+            error = results[way]
+            assert isinstance(error, (IntegrityError, AuthError)), (way, error)
+            assert SENTINEL not in str(error)
+        else:
+            assert results[way] == expected(way), way
+
+
+@TAMPER
+@given(data=st.data())
+def test_any_flipped_bit_is_detected(built, blobs, data):
+    blob = data.draw(st.sampled_from(blobs), "blob")
+
+    def flip(db):
+        value = bytearray(get_blob(db, blob))
+        bit = data.draw(st.integers(0, len(value) * 8 - 1), "bit")
+        value[bit // 8] ^= 1 << (bit % 8)
+        put_blob(db, blob, bytes(value))
+
+    assert_detected(read_every_way(tamper(built, flip), built), blob.readers())
+
+
+@TAMPER
+@given(data=st.data())
+def test_any_truncation_or_extension_is_detected(built, blobs, data):
+    blob = data.draw(st.sampled_from(blobs), "blob")
+
+    def resize(db):
+        value = get_blob(db, blob)
+        if data.draw(st.booleans(), "truncate"):
+            value = value[:data.draw(st.integers(0, len(value) - 1), "length")]
+        else:
+            value += data.draw(st.binary(min_size=1, max_size=32), "extra")
+        put_blob(db, blob, value)
+
+    assert_detected(read_every_way(tamper(built, resize), built), blob.readers())
+
+
+@TAMPER
+@given(data=st.data())
+def test_any_swap_of_two_blobs_is_detected(built, blobs, data):
+    first, second = data.draw(st.lists(st.sampled_from(blobs), min_size=2, max_size=2,
+                                       unique=True), "pair")
+
+    def swap(db):
+        a, b = get_blob(db, first), get_blob(db, second)
+        put_blob(db, first, b)
+        put_blob(db, second, a)
+
+    assert_detected(read_every_way(tamper(built, swap), built),
+                    first.readers() | second.readers())
+
+
+@TAMPER
+@given(data=st.data())
+def test_swapping_whole_secret_records_is_detected(built, blobs, data):
+    """Moving both blobs of one secret onto another (same key or not) must fail."""
+    app_of = {b.rowid: b.app for b in blobs if b.table == "secrets"}
+    first, second = data.draw(st.lists(st.sampled_from(sorted(app_of)), min_size=2,
+                                       max_size=2, unique=True), "rows")
+
+    def swap(db):
+        get = "SELECT wrapped_dek, ciphertext FROM secrets WHERE rowid = ?"
+        a, b = (db.execute(get, (row,)).fetchone() for row in (first, second))
+        for row, (dek, ciphertext) in ((first, b), (second, a)):
+            db.execute("UPDATE secrets SET wrapped_dek = ?, ciphertext = ? "
+                       "WHERE rowid = ?", (dek, ciphertext, row))
+
+    assert_detected(read_every_way(tamper(built, swap), built),
+                    {"password", "kek", f"scoped-{app_of[first]}",
+                     f"scoped-{app_of[second]}"})
+
+
+MOVES = {
+    "rename secret": "UPDATE secrets SET name = 'Z' WHERE app = 'demo' AND "
+                     "env = 'production' AND name = 'A'",
+    "bump version": "UPDATE secrets SET version = 2 WHERE app = 'demo' AND "
+                    "env = 'production' AND name = 'A'",
+    "move to other env": "UPDATE secrets SET env = 'production', name = 'S' WHERE "
+                         "app = 'demo' AND env = 'staging'",
+    "move to other app": "UPDATE secrets SET app = 'demo', name = 'E' WHERE "
+                         "app = 'other' AND name = 'D'",
+    "bump app generation": "UPDATE apps SET generation = 2 WHERE name = 'demo'",
+}
+
+
+@pytest.mark.parametrize("statement", MOVES.values(), ids=list(MOVES))
+def test_ciphertexts_are_bound_to_their_place(built, statement):
+    """Associated data names app, env, name, version and generation: moving a blob
+    anywhere else makes it undecryptable rather than someone else's value."""
+    path = tamper(built, lambda db: db.execute(statement))
+    results = read_every_way(path, built)
+    for way in ("password", "kek", "scoped-demo"):
+        assert isinstance(results[way], (IntegrityError, AuthError)), (way, results[way])
+    # app "other" may have lost D to the move, but what it reads is still its own
+    for (app, env), values in results["scoped-other"].items():
+        assert values.items() <= digests(CONTENT[app, env]).items()
+
+
+def test_swapping_app_names_is_detected(built):
+    def swap(db):
+        db.execute("PRAGMA foreign_keys = OFF")
+        db.execute("UPDATE apps SET name = 'tmp' WHERE name = 'demo'")
+        db.execute("UPDATE apps SET name = 'demo' WHERE name = 'other'")
+        db.execute("UPDATE apps SET name = 'other' WHERE name = 'tmp'")
+
+    results = read_every_way(tamper(built, swap), built)
+    assert all(isinstance(results[way], (IntegrityError, AuthError)) for way in WAYS)
+
+
+# -- metadata edits --------------------------------------------------------------
+
+FLOOR = {"time_cost": 3, "memory_kib": 65536, "parallelism": 4}
+BAD_KDF = {
+    "time_cost below floor": dict(FLOOR, time_cost=2),
+    "time_cost zero": dict(FLOOR, time_cost=0),
+    "memory below floor": dict(FLOOR, memory_kib=65535),
+    "memory tiny": dict(FLOOR, memory_kib=8),
+    "parallelism below floor": dict(FLOOR, parallelism=3),
+    "negative": dict(FLOOR, time_cost=-3),
+    "string": dict(FLOOR, time_cost="3"),
+    "float": dict(FLOOR, memory_kib=65536.0),
+    "bool": dict(FLOOR, parallelism=True),
+    "absurd memory": dict(FLOOR, memory_kib=2 ** 40),
+    "missing field": {"time_cost": 3, "memory_kib": 65536},
+    "extra field": dict(FLOOR, salt_len=8),
+    "a list": [3, 65536, 4],
+    "null": None,
+}
+
+
+def set_meta(built, key, value):
+    return tamper(built, lambda db: db.execute(
+        "UPDATE meta SET value = ? WHERE key = ?", (value, key)))
+
+
+@pytest.mark.parametrize("kdf", BAD_KDF.values(), ids=list(BAD_KDF))
+def test_kdf_params_edited_below_floor_are_refused(built, kdf):
+    path = set_meta(built, "kdf", json.dumps(kdf))
+    with pytest.raises(IntegrityError):
+        Vault.open(str(path))
+
+
+@settings(max_examples=100, deadline=None)
+@given(time_cost=st.integers(-5, 70), memory_kib=st.integers(0, 2 ** 23),
+       parallelism=st.integers(-1, 70))
+def test_kdf_params_outside_bounds_never_open(built, time_cost, memory_kib, parallelism):
+    kdf = {"time_cost": time_cost, "memory_kib": memory_kib, "parallelism": parallelism}
+    path = set_meta(built, "kdf", json.dumps(kdf))
+    allowed = (3 <= time_cost <= 64 and 65536 <= memory_kib <= 4 * 1024 * 1024
+               and 4 <= parallelism <= 64)
+    if allowed:
+        Vault.open(str(path)).store.close()
+    else:
+        with pytest.raises(IntegrityError):
+            Vault.open(str(path))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("kdf", "not json"), ("kdf", 7), ("salt", "text salt"), ("salt", b"short"),
+    ("salt", 12), ("vault_id", 1.5), ("vault_id", "id"),
+], ids=lambda v: repr(v)[:20])
+def test_malformed_metadata_is_an_integrity_error(built, key, value):
+    with pytest.raises(IntegrityError):
+        Vault.open(str(set_meta(built, key, value)))
+
+
+@pytest.mark.parametrize("key", ["vault_id", "salt", "kdf", "wrapped_kek", "kek_check"])
+def test_missing_metadata_is_an_integrity_error(built, key):
+    path = tamper(built, lambda db: db.execute("DELETE FROM meta WHERE key = ?", (key,)))
+    with pytest.raises(IntegrityError):
+        Vault.open(str(path))
+
+
+def test_other_salt_means_wrong_password_not_wrong_key(built):
+    path = set_meta(built, "salt", os.urandom(crypto.SALT_LEN))
+    vault = Vault.open(str(path))
+    with pytest.raises(AuthError):
+        vault.unlock(PASSWORD.encode())
+    vault.store.close()
+
+
+# -- key hierarchy, scope and rotation --------------------------------------------
+
+
+def test_wrong_password_and_foreign_keys_are_auth_errors(vault_path, built):
+    vault = Vault.open(str(vault_path))
+    with pytest.raises(AuthError, match="wrong master password"):
+        vault.unlock(b"not the password")
+    with pytest.raises(AuthError):
+        vault.unlock_key(os.urandom(32))
+    with pytest.raises(AuthError, match="for app 'other'"):
+        vault.unlock_key(built.scoped["demo"], "other")
+    with pytest.raises(NotFoundError):
+        vault.unlock_key(built.scoped["demo"], "nope")
+
+
+def test_scoped_keyring_reaches_only_its_app(vault_path, built):
+    vault = Vault.open(str(vault_path))
+    keyring = vault.unlock_key(built.scoped["demo"])  # found among all apps
+    assert keyring.scope == "demo" and keyring.kek is None
+    assert digests(vault.reveal(keyring, "demo", "production")) == digests(
+        CONTENT["demo", "production"])
+    with pytest.raises(AuthError, match="scoped to app 'demo'"):
+        vault.reveal(keyring, "other", "production")
+    for action in (lambda: vault.create_app(keyring, "new"),
+                   lambda: vault.rotate_app_key(keyring, "demo"),
+                   lambda: vault.change_password(keyring, b"new password"),
+                   lambda: vault.machine_key(keyring)):
+        with pytest.raises(AuthError):
+            action()
+    assert vault.machine_key(keyring, "demo") == built.scoped["demo"]
+
+
+def test_unscoped_machine_key_is_the_kek(vault_path, built):
+    vault = Vault.open(str(vault_path))
+    keyring = vault.unlock(PASSWORD.encode())
+    assert vault.machine_key(keyring) == built.kek
+    assert vault.machine_key(keyring, "other") == built.scoped["other"]
+
+
+def test_rotation_revokes_scoped_key_and_rewraps_every_version(vault_path, built):
+    vault = Vault.open(str(vault_path))
+    keyring = vault.unlock_key(built.kek)
+    vault.set_secrets(keyring, "demo", "production", {"A": b"alpha-2"})  # 2 versions
+    assert vault.rotate_app_key(keyring, "demo") == 2
+    assert vault.rotate_app_key(keyring, "demo") == 3  # old versions were rewrapped too
+    with pytest.raises(AuthError):
+        vault.unlock_key(built.scoped["demo"], "demo")
+    new_key = vault.machine_key(keyring, "demo")
+    assert new_key != built.scoped["demo"]
+    scoped = vault.unlock_key(new_key, "demo")
+    assert digests(vault.reveal(scoped, "demo", "production")) == digests(dict(
+        CONTENT["demo", "production"], A=b"alpha-2"))
+    assert vault.unlock_key(built.scoped["other"], "other").scope == "other"
+
+
+def test_rotation_of_tampered_app_changes_nothing(built, vault_dump):
+    def flip_last(db):
+        (row,) = db.execute(
+            "SELECT MAX(rowid) FROM secrets WHERE app = 'demo'").fetchone()
+        blob = Blob("secrets", "wrapped_dek", row, "wrapped_dek", "demo")
+        put_blob(db, blob, get_blob(db, blob)[:-1] + b"\0")
+
+    path = tamper(built, flip_last)
+    before = vault_dump(path)
+    vault = Vault.open(str(path))
+    with pytest.raises(IntegrityError):
+        vault.rotate_app_key(vault.unlock_key(built.kek), "demo")
+    vault.store.close()
+    assert vault_dump(path) == before
+
+
+def test_set_secrets_is_one_transaction(vault_path, built, vault_dump):
+    before = vault_dump(vault_path)
+    vault = Vault.open(str(vault_path))
+    calls = []
+    real = vault.store.put_secret
+
+    def failing_put(record):
+        calls.append(record.name)
+        if len(calls) == 3:
+            raise OSError("disk on fire")
+        real(record)
+
+    vault.store.put_secret = failing_put
+    with pytest.raises(OSError):
+        vault.set_secrets(vault.unlock_key(built.kek), "demo", "production",
+                          {"X": b"1", "Y": b"2", "Z": b"3"})
+    vault.store.close()
+    assert calls == ["X", "Y", "Z"]
+    assert vault_dump(vault_path) == before
+
+
+def test_set_secrets_validates_everything_before_writing(vault_path, built, vault_dump):
+    before = vault_dump(vault_path)
+    vault = Vault.open(str(vault_path))
+    keyring = vault.unlock_key(built.kek)
+    for bad in ({"OK": b"1", "BAD": b"a\0b"}, {"OK": b"1", "1BAD": b"x"},
+                {"OK": b"1", "BIG": b"x" * (MAX_VALUE_BYTES + 1)}):
+        with pytest.raises(UsageError):
+            vault.set_secrets(keyring, "demo", "production", bad)
+    with pytest.raises(NotFoundError):
+        vault.set_secrets(keyring, "demo", "nope", {"OK": b"1"})
+    vault.store.close()
+    assert vault_dump(vault_path) == before
+
+
+def test_versions_increase_and_reveal_reads_latest(vault_path, built):
+    vault = Vault.open(str(vault_path))
+    keyring = vault.unlock_key(built.kek)
+    assert vault.set_secrets(keyring, "demo", "production", {"A": b"v2", "N": b"n"}) == {
+        "A": 2, "N": 1}
+    assert vault.set_secrets(keyring, "demo", "production", {"A": b"v3"}) == {"A": 3}
+    assert [(r.name, r.version) for r in vault.list_secrets("demo", "production")] == [
+        ("A", 3), ("B", 1), ("C", 1), ("N", 1)]
+    assert digests(vault.reveal(keyring, "demo", "production", ["A", "N"])) == digests(
+        {"A": b"v3", "N": b"n"})
+    with pytest.raises(NotFoundError, match="MISSING"):
+        vault.reveal(keyring, "demo", "production", ["A", "MISSING"])
+
+
+def test_create_refuses_an_existing_vault_and_a_weak_kdf(tmp_path, vault_path):
+    with pytest.raises(UsageError):
+        Vault.create(str(vault_path), PASSWORD.encode())
+    with pytest.raises(IntegrityError):
+        Vault.create(str(tmp_path / "weak.db"), PASSWORD.encode(),
+                     crypto.KdfParams(time_cost=1, memory_kib=1024, parallelism=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vault.db"]
+
+
+# -- crypto ----------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(plaintext=st.binary(max_size=300), associated=st.binary(max_size=64),
+       data=st.data())
+def test_seal_unseal_round_trip_and_any_flip_fails(plaintext, associated, data):
+    key = crypto.random_key()
+    blob = crypto.seal(key, plaintext, associated)
+    assert len(blob) == crypto.NONCE_LEN + len(plaintext) + 16
+    assert crypto.unseal(key, blob, associated, "x") == plaintext
+    bit = data.draw(st.integers(0, len(blob) * 8 - 1))
+    flipped = bytearray(blob)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(IntegrityError):
+        crypto.unseal(key, bytes(flipped), associated, "x")
+    with pytest.raises(IntegrityError):
+        crypto.unseal(key, blob, associated + b"!", "x")
+    with pytest.raises(IntegrityError):
+        crypto.unseal(crypto.random_key(), blob, associated, "x")
+
+
+def test_unseal_errors_name_what_never_the_data():
+    key = crypto.random_key()
+    blob = crypto.seal(key, SENTINEL.encode(), b"aad")
+    for bad in (blob[:27], b"", "text", None, blob[:-1]):
+        with pytest.raises(IntegrityError) as caught:
+            crypto.unseal(key, bad, b"aad", "secret X v1")
+        assert str(caught.value).startswith("secret X v1: ")
+        assert SENTINEL not in str(caught.value)
+
+
+def test_seal_uses_a_fresh_nonce():
+    key = crypto.random_key()
+    assert crypto.seal(key, b"same", b"") != crypto.seal(key, b"same", b"")
+
+
+def test_derive_kek_depends_on_password_and_salt_and_refuses_weak_params():
+    salt = bytes(16)
+    params = crypto.DEFAULT_KDF
+    first = crypto.derive_kek(b"password one", salt, params)
+    assert len(first) == crypto.KEY_LEN
+    assert first == crypto.derive_kek(b"password one", salt, params)
+    assert first != crypto.derive_kek(b"password two", salt, params)
+    assert first != crypto.derive_kek(b"password one", bytes([1]) * 16, params)
+    with pytest.raises(IntegrityError):
+        crypto.derive_kek(b"x", salt, crypto.KdfParams(2, 65536, 4))
+
+
+# -- canonical encoding ----------------------------------------------------------
+
+
+def test_canonical_encoding_vector():
+    assert canonical.encode("ab", b"\0", 12, "") == (
+        b"\0\0\0\x02ab" b"\0\0\0\x01\0" b"\0\0\0\x0212" b"\0\0\0\0")
+    assert canonical.encode() == b""
+
+
+@pytest.mark.parametrize("field", [1.5, None, True, ["a"], {"a": 1}])
+def test_canonical_encoding_rejects_other_types(field):
+    with pytest.raises(TypeError):
+        canonical.encode("ok", field)
+
+
+fields = st.lists(st.one_of(st.text(max_size=8), st.binary(max_size=8),
+                            st.integers(-10 ** 6, 10 ** 6)), max_size=5)
+
+
+def as_bytes(field):
+    if isinstance(field, str):
+        return field.encode("utf-8", "surrogateescape")
+    return str(field).encode() if isinstance(field, int) else field
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields, fields)
+def test_canonical_encoding_is_injective(a, b):
+    """Equal encodings only for the same sequence of field bytes (no delimiter games:
+    ("ab", "c") and ("a", "bc") differ)."""
+    same = [as_bytes(x) for x in a] == [as_bytes(x) for x in b]
+    assert (canonical.encode(*a) == canonical.encode(*b)) == same
+
+
+# -- validation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slug", ["a", "0", "demo", "my-app-2", "a" * 63, "a-b"])
+def test_valid_slugs(slug):
+    assert check_slug("app", slug) == slug
+
+
+@pytest.mark.parametrize("slug", ["", "A", "Demo", "-a", "a-", "a_b", "a b", "a" * 64,
+                                  "é", "a\n", "a/b", "..", None, 5])
+def test_invalid_slugs(slug):
+    with pytest.raises(UsageError, match="invalid env"):
+        check_slug("env", slug)
+
+
+@pytest.mark.parametrize("name", ["A", "_", "a", "DB_URL", "_9", "A" * 255])
+def test_valid_names(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "1A", "A-B", "A B", "A=B", "A\n", "Ä", "A" * 256,
+                                  None])
+def test_invalid_names(name):
+    with pytest.raises(UsageError, match="invalid secret name"):
+        check_name(name)
+
+
+def test_value_limits_never_echo_the_value():
+    assert check_value("A", b"x" * MAX_VALUE_BYTES) == b"x" * MAX_VALUE_BYTES
+    assert check_value("A", b"") == b""
+    for value in (SENTINEL.encode() + b"\0", SENTINEL.encode() * 4000):
+        with pytest.raises(UsageError) as caught:
+            check_value("A", value)
+        assert SENTINEL not in str(caught.value) and "A" in str(caught.value)
