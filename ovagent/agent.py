@@ -35,6 +35,23 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
 
 
+def _enter_cgroup(fd):
+    """preexec_fn: the child writes "0" (itself) to the caller's cgroup.procs before
+    exec, so neither the command nor anything it forks ever runs in the agent's
+    cgroup (where a restart of the agent would kill it, and where journald would
+    file its output under the agent's unit).  The fd was opened by the root agent:
+    cgroup2 checks the opener's credentials (Linux >= 5.16), so this works after
+    the switch to the caller's uid.  Only a system call: safe in a threaded parent."""
+
+    def enter():
+        try:
+            os.write(fd, b"0")
+        except OSError:
+            pass   # the agent moves the process after the spawn instead
+
+    return enter
+
+
 class NonceCache:
     """Nonces seen within the clock window, expiring on the monotonic clock.
 
@@ -350,11 +367,13 @@ class Agent:
         environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
         environ.update({name.encode(): value for name, value in values.items()})
         del values
+        cgroup_fd = self._caller_cgroup_fd(peer)
         try:
             child = subprocess.Popen(
                 [os.fsencode(arg) for arg in req["argv"]], stdin=fds[0], stdout=fds[1],
                 stderr=fds[2], cwd=os.fsencode(req["cwd"]), env=environ,
                 umask=req["umask"], process_group=0, close_fds=True,
+                preexec_fn=None if cgroup_fd is None else _enter_cgroup(cgroup_fd),
                 **self._identity(peer))
         except OSError as exc:
             status = 127 if isinstance(exc, FileNotFoundError) else 126
@@ -363,13 +382,18 @@ class Agent:
         finally:
             environ.clear()
             self._close_fds(fds)
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
         self._join_caller_cgroup(child.pid, peer)
         with self._lock:
             self.counters["accepted"] += 1
             self.counters["running"] += 1
         try:
-            protocol.send_frame(conn, {"type": "started", "pid": child.pid,
-                                       "request_id": request_id})
+            try:
+                protocol.send_frame(conn, {"type": "started", "pid": child.pid,
+                                           "request_id": request_id})
+            except OSError:
+                pass  # the client is gone: _supervise sees it and stops the command
             result = self._supervise(conn, child)
         finally:
             with self._lock:
@@ -384,9 +408,27 @@ class Agent:
             return {}
         return {"user": peer.uid, "group": peer.gid, "extra_groups": peer.groups()}
 
+    def _caller_cgroup_fd(self, peer):
+        """A root agent on cgroup2: the caller's cgroup.procs, opened for writing, so
+        the child enters it before exec (see _enter_cgroup); None otherwise."""
+        if self.uid != 0:
+            return None
+        target = cgroup_path(peer.pid)
+        if not target or target == cgroup_path(os.getpid()):
+            return None
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+            try:
+                return os.open(os.path.join(root, target.lstrip("/"), "cgroup.procs"),
+                               os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+        return None
+
     def _join_caller_cgroup(self, pid, peer):
         """On cgroup2 a root agent moves the command into the caller's cgroup, so it
-        belongs to the caller's unit (stopped with it, kept across agent restarts)."""
+        belongs to the caller's unit (stopped with it, kept across agent restarts).
+        Normally the child already moved itself before exec (_enter_cgroup); this
+        is the fallback for kernels that check the writer's credentials."""
         if self.uid != 0:
             return
         target = cgroup_path(peer.pid)
@@ -411,7 +453,10 @@ class Agent:
         kill_at = None
         try:
             while True:
-                timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+                # After the SIGKILL (kill_at = inf) wait for the child with no timeout:
+                # select() raises OverflowError on an infinite one.
+                timeout = (None if kill_at is None or kill_at == float("inf")
+                           else max(0.0, kill_at - time.monotonic()))
                 events = selector.select(timeout)
                 if kill_at is not None and time.monotonic() >= kill_at:
                     self._signal_group(child.pid, signal.SIGKILL)

@@ -414,6 +414,29 @@ def agent_status(*, socket=None, pid_file=None, machine_key=None):
     print(f"requests: {counters}")
 
 
+@argh.named("install")
+@argh.arg("--machine-key", metavar="PATH", required=True,
+          help="key file systemd passes to the agent as its machine.kek credential "
+               "(it may be created later)")
+@argh.arg("--socket", metavar="PATH",
+          help="socket path (default: /run/NAME/NAME.sock for system units, "
+               "$XDG_RUNTIME_DIR/NAME/NAME.sock for user units)")
+@argh.arg("--unit-name", metavar="NAME", help="name of the units (default: ov-agent)")
+@argh.arg("--user", help="write user units (the default when not run as root)")
+@argh.arg("--enable", help="run the commands that enable the units (as root "
+                           "systemd-sysusers and systemd-tmpfiles, then systemctl "
+                           "daemon-reload, systemctl enable --now NAME.socket)")
+def agent_install(*, machine_key=None, socket=None, unit_name=None, user=False,
+                  enable=False):
+    """Write systemd units (NAME.socket, NAME.service) that run this ov's agent:
+    system units in /etc/systemd/system as root, else user units in
+    ~/.config/systemd/user; print or run the commands that enable them."""
+    from . import install
+
+    install.install(machine_key=machine_key, socket=socket, unit_name=unit_name,
+                    user=user, enable=enable)
+
+
 # -- assembly --------------------------------------------------------------
 
 GROUPS = [
@@ -423,7 +446,8 @@ GROUPS = [
     ("env", "environments of an app", [env_create, env_list, env_delete]),
     ("secret", "secrets of an environment",
      [secret_set, secret_list, secret_delete, secret_import]),
-    ("agent", "the agent daemon", [agent_start, agent_stop, agent_status]),
+    ("agent", "the agent daemon", [agent_start, agent_stop, agent_status,
+                                   agent_install]),
 ]
 
 

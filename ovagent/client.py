@@ -152,25 +152,34 @@ def run(argv, *, socket_path, key, app, env, secrets):
     try:
         req = _signed(sock, "run", key, app=app, env=env, secrets=secrets, argv=argv,
                       environ=environ, cwd=os.getcwd(), umask=old_umask)
+        relay = _catch_signals()
         protocol.send_frame(sock, req, fds=(0, 1, 2))
         _expect(sock, "started")
     except OSError as exc:
         raise AgentError(f"lost the agent: {exc.strerror}") from None
     except AgentError as exc:
         raise _explain_unsigned(exc, key) from None
-    return _wait(sock)
+    return _wait(sock, relay)
 
 
-def _wait(sock):
-    """Relay signals to the command until the agent reports its exit."""
-    import selectors
-
+def _catch_signals():
+    """Catch the relayed signals before the request goes out: the command may run
+    before 'started' reaches us, and a signal then must be relayed to it, not kill
+    us (which would only get the command a SIGTERM).  Returns the wake-up pair."""
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     for name in protocol.RELAYED_SIGNALS:
         signal.signal(getattr(signal, name), lambda *_: None)
+    return wake_r, wake_w
+
+
+def _wait(sock, relay):
+    """Relay signals to the command until the agent reports its exit."""
+    import selectors
+
+    wake_r, _wake_w = relay   # (keep the write end open: it is the wake-up fd)
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, "agent")
     selector.register(wake_r, selectors.EVENT_READ, "signal")

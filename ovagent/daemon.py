@@ -17,6 +17,21 @@ NO_KEY_HELP = ("create a machine key with 'ov auth derive-machine-key --out "
                "/etc/ov/machine.kek' (mode 0600), then 'systemctl restart ov-agent.service'")
 
 
+def no_key_help():
+    """How to give this agent a key: NO_KEY_HELP for the system agent; a user agent
+    or a unit with another name ('ov agent install --unit-name') gets its own."""
+    from .client import default_key_path
+    from .systemd_glue import peer_unit
+
+    unit = peer_unit(os.getpid()) if os.environ.get("INVOCATION_ID") else None
+    if not (unit or "").endswith(".service") or (
+            os.geteuid() == 0 and unit == "ov-agent.service"):
+        return NO_KEY_HELP
+    scope = "" if os.geteuid() == 0 else " --user"
+    return (f"create a machine key with 'ov auth derive-machine-key --out "
+            f"{default_key_path()}' (mode 0600), then 'systemctl{scope} restart {unit}'")
+
+
 def default_agent_socket():
     from .client import SYSTEM_SOCKET, user_socket_path
 
@@ -45,7 +60,7 @@ def load_keyring(machine_key, vault_path, app, systemd):
     key_path = machine_key or keyfile.credential_path()
     if key_path is None and not (sys.stdin.isatty() and not systemd):
         if systemd:
-            return None, None, "unconfigured", f"the agent has no machine key: {NO_KEY_HELP}"
+            return None, None, "unconfigured", f"the agent has no machine key: {no_key_help()}"
         raise UsageError("no machine key: pass --machine-key PATH, provide the systemd "
                          "credential machine.kek, or start on a terminal to unlock with "
                          "the master password")

@@ -10,6 +10,11 @@ from .errors import OvError, UsageError
 
 KEY_LEN = 32
 CREDENTIAL_NAME = "machine.kek"
+# Units pair "LoadCredential=machine.kek:/etc/ov/machine.kek" with the fallback
+# "SetCredential=machine.kek:none": systemd then starts the unit even when the key
+# file does not exist yet (a missing LoadCredential= file alone fails the start), and
+# the credential holds this placeholder, which means "no machine key".
+NO_KEY_PLACEHOLDER = b"none"
 
 
 def read_key(path):
@@ -41,13 +46,25 @@ def read_key(path):
 
 
 def credential_path():
-    """$CREDENTIALS_DIRECTORY/machine.kek when systemd's LoadCredential= provides it."""
+    """$CREDENTIALS_DIRECTORY/machine.kek when systemd's LoadCredential= provides it.
+
+    The placeholder credential (see NO_KEY_PLACEHOLDER) counts as no credential."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if directory:
         path = os.path.join(directory, CREDENTIAL_NAME)
-        if os.path.exists(path):
+        if os.path.exists(path) and not _is_placeholder(path):
             return path
     return None
+
+
+def _is_placeholder(path):
+    try:
+        if os.stat(path).st_size != len(NO_KEY_PLACEHOLDER):
+            return False
+        with open(path, "rb") as handle:
+            return handle.read() == NO_KEY_PLACEHOLDER
+    except OSError:
+        return False  # let read_key() report what is wrong with it
 
 
 def write_key(path, key, force=False):

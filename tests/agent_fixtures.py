@@ -1,0 +1,531 @@
+"""Fixtures and helpers for the agent suites (test_agent, test_protocol,
+test_activation): real ``ov agent start`` processes on real Unix sockets, started
+from the current venv's ``ov`` and always stopped in teardown.
+
+Test modules take the fixtures with ``from agent_fixtures import *`` and import the
+helpers by name.  Every wait has a deadline, so a hung agent fails a test instead of
+hanging CI.  Secret values never appear in assertion messages: commands print
+digests, and agent or client output goes through redact() first.
+"""
+
+import array
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_SECRETS, OV, SENTINEL
+from ovagent import protocol
+
+
+__all__ = ["agent", "agents"]   # the fixtures; helpers are imported by name
+
+SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
+SETPRIV = shutil.which("setpriv")
+WAIT = 15.0            # the longest any single wait may take before a test fails
+AGENT_GRACE = "1"      # --grace: SIGTERM -> SIGKILL delay for orphaned commands
+AGENT_DRAIN = "2"      # --drain: keeps teardown short if a command still runs
+
+needs_socket_activate = pytest.mark.skipif(
+    not os.access(SOCKET_ACTIVATE, os.X_OK),
+    reason=f"{SOCKET_ACTIVATE} missing (Debian package 'systemd')")
+needs_setpriv = pytest.mark.skipif(
+    SETPRIV is None or os.geteuid() != 0,
+    reason="needs root and setpriv (util-linux) to run processes as other uids")
+
+# A command that prints what it sees as JSON: sha256 digests of its environment
+# (never the values), its cwd and its umask.
+PROBE = ("import hashlib, json, os; u = os.umask(0); print(json.dumps({'env': "
+         "{k.decode(errors='replace'): hashlib.sha256(v).hexdigest() for k, v in "
+         "os.environb.items()}, 'cwd': os.getcwd(), 'umask': u}))")
+
+
+def sha256(value):
+    return hashlib.sha256(value if isinstance(value, bytes) else value.encode()).hexdigest()
+
+
+def redact(text):
+    """Agent or client output, safe to show in an assertion message."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    for value in DEMO_SECRETS.values():
+        if value:
+            text = text.replace(value, "<REDACTED>")
+    return text.replace(SENTINEL, "<REDACTED>")
+
+
+def wait_for(predicate, what, timeout=WAIT, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_gone(pid, zombie_ok=False):
+    """True once pid no longer exists.  A zombie counts as present unless zombie_ok
+    (an agent must reap its commands; a detached agent is reaped by init)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    if zombie_ok:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return True
+    return False
+
+
+def group_gone(pgid):
+    """True once no live process is left in process group pgid.  Zombies do not
+    count: orphans are reaped by init, which may take its time (seconds, here)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return False
+    return True
+
+
+def read_line(stream, timeout=WAIT):
+    """One line from a pipe, or fail after timeout (never blocks CI)."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    return stream.readline().decode(errors="replace")
+
+
+def pipe_text(stream, timeout=0.5):
+    """What a client wrote to a pipe so far, without blocking: its command may still
+    hold the write end, so read() could wait forever."""
+    chunks = []
+    while select.select([stream], [], [], timeout)[0]:
+        data = os.read(stream.fileno(), 65536)
+        if not data:
+            break
+        chunks.append(data)
+    return redact(b"".join(chunks))
+
+
+def wrong_key(path):
+    """A well-formed machine key file that unlocks nothing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32))
+    os.close(fd)
+    return Path(path)
+
+
+# -- speaking the protocol directly --------------------------------------------------
+
+
+def frame_of(body):
+    """A frame around raw body bytes (valid header, whatever the body)."""
+    return protocol.MAGIC + bytes((protocol.VERSION, 0)) + len(body).to_bytes(4, "big") \
+        + body
+
+
+def signed(key, challenge, op="status", **fields):
+    """A request for *challenge*, signed with machine key bytes *key* (None: unsigned)."""
+    if op == "run":
+        fields.setdefault("argv", ["true"])
+    req = protocol.new_request(op, challenge, **fields)
+    if key is not None:
+        req["mac"] = protocol.sign(protocol.mac_key(key), req)
+    return req
+
+
+def answer(sock, timeout=5.0):
+    """The agent's next frame, or "closed" when the connection ended without one."""
+    try:
+        frame, _ = protocol.recv_frame(sock, timeout=timeout)
+        return frame
+    except (EOFError, ConnectionResetError, BrokenPipeError):
+        return "closed"
+    except protocol.ProtocolError as exc:
+        if "closed inside a frame" in str(exc):
+            return "closed"
+        raise
+
+
+class Session:
+    """One connection to an agent, past the hello."""
+
+    def __init__(self, path, timeout=5.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.hello = answer(self.sock, timeout)
+        assert isinstance(self.hello, dict) and self.hello["type"] == "hello", self.hello
+        self.challenge = self.hello["challenge"]
+
+    def send(self, data, fds=()):
+        """Send raw bytes (a frame); False if the agent already hung up."""
+        try:
+            if fds:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self.sock.sendmsg([data], ancillary)
+                data = data[sent:]
+            self.sock.sendall(data)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+
+    def request(self, obj, fds=()):
+        self.send(protocol.encode_frame(obj), fds)
+        return answer(self.sock)
+
+    def answer(self, timeout=5.0):
+        return answer(self.sock, timeout)
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- agents --------------------------------------------------------------------
+
+
+class Agent:
+    """A started agent: its process, socket, pid file and log (its stderr)."""
+
+    def __init__(self, harness, proc, sock, pid_file, log_path, key):
+        self.harness, self.proc, self.socket = harness, proc, Path(sock)
+        self.pid_file, self.log_path, self.key = pid_file, Path(log_path), Path(key)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def run(self, *command, key=None, options=(), via=None, **kwargs):
+        """``ov run --agent --socket S --machine-key K OPTIONS -- COMMAND``; via: another
+        socket path to connect to (a proxy) instead of the agent's."""
+        return self.harness.demo.ov(
+            "run", "--agent", "--socket", str(via or self.socket), "--machine-key",
+            str(key or self.key), *options, "--", *command, **kwargs)
+
+    def client(self, *command, key=None, options=(), **kwargs):
+        """The same as a running Popen (tracked: killed in teardown)."""
+        args = [OV, "run", "--agent", "--socket", str(self.socket), "--machine-key",
+                str(key or self.key), *options, "--", *command]
+        return self.harness.popen(args, **kwargs)
+
+    def status(self, key=None, *options, via=None):
+        return self.harness.demo.ov("agent", "status", "--machine-key", str(key or self.key),
+                                    "--socket", str(via or self.socket), *options,
+                                    timeout=20)
+
+    def wait_ready(self):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}: "
+                                     f"{redact(self.log())}")
+            return "]: ready: " in self.log()
+        wait_for(ready, "the agent's 'ready' audit line")
+        return self
+
+    def terminate(self, timeout=10.0):
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+class AgentHarness:
+    """Starts agents and client processes for one test, and cleans up after it."""
+
+    def __init__(self, demo, tmp_path):
+        self.demo, self.tmp = demo, tmp_path
+        self.agents, self.procs, self.pids = [], [], []
+        self._count = 0
+        self.env = dict(demo.ov.env, FOO_AGENT_ONLY="1")
+
+    def _paths(self, name):
+        self._count += 1
+        log = self.tmp / f"agent{self._count}.log"
+        directory = self.tmp / "r"
+        sock = directory / f"{name}.sock"
+        assert len(str(sock)) < 100, f"socket path too long for AF_UNIX: {sock}"
+        return directory, sock, log
+
+    def start(self, *options, key=None, sock=None, pid_file=None, app="demo",
+              foreground=True, wait=True, env=None, wrap=(), cwd=None):
+        """``ov agent start [--foreground] --machine-key K --socket S --pid-file P
+        --app demo --grace 1 --drain 2 OPTIONS``; waits for its 'ready' line.
+        wrap: a command prefix (setpriv ...) to run the agent under."""
+        _, default_sock, log = self._paths("a")
+        sock = Path(sock or default_sock)
+        pid_file = Path(pid_file or sock.with_name("ov-agent.pid"))
+        key = key or self.demo.key
+        args = [*wrap, OV, "agent", "start", *(["--foreground"] if foreground else []),
+                "--machine-key", str(key), "--socket", str(sock), "--pid-file",
+                str(pid_file), *(["--app", app] if app else []), "--grace", AGENT_GRACE,
+                "--drain", AGENT_DRAIN, *options]
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle,
+                                    stderr=handle, env=dict(self.env, **(env or {})),
+                                    cwd=cwd or self.tmp, start_new_session=True)
+        agent = Agent(self, proc, sock, pid_file, log, key)
+        self.agents.append(agent)
+        if wait and foreground:
+            agent.wait_ready()
+        return agent
+
+    def activated(self, *options, key=None, setenv=(), pid_file=True, name="act",
+                  listen=()):
+        """systemd-socket-activate -l SOCK --fdname=ov-agent -E ... ov agent start;
+        returns once the socket listens (the agent starts on the first connection).
+        key=False: no --machine-key.  listen: (path, fdname) pairs passed first."""
+        directory, sock, log = self._paths(name)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        key = self.demo.key if key is None else key
+        pid_path = sock.with_name(f"{name}.pid") if pid_file else None
+        env_flags = []
+        for assignment in (f"OV_VAULT={self.demo.path}", "FOO_AGENT_ONLY=1", *setenv):
+            env_flags += ["-E", assignment]
+        sockets = [*listen, (sock, "ov-agent")]
+        args = [SOCKET_ACTIVATE, *[arg for path, _ in sockets for arg in ("-l", str(path))],
+                "--fdname=" + ":".join(fdname for _, fdname in sockets), *env_flags,
+                OV, "agent", "start", *(["--machine-key", str(key)] if key else []),
+                "--app", "demo",
+                "--grace", AGENT_GRACE, "--drain", AGENT_DRAIN,
+                *(["--pid-file", str(pid_path)] if pid_path else []), *options]
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle,
+                                    stderr=handle, env=self.env, cwd=self.tmp,
+                                    start_new_session=True)
+        agent = Agent(self, proc, sock, pid_path, log, key or self.demo.key)
+        self.agents.append(agent)
+
+        def listening():
+            if proc.poll() is not None:
+                raise AssertionError(f"systemd-socket-activate exited: {agent.log()}")
+            return agent.log().count("Listening on") == len(sockets)
+        wait_for(listening, "systemd-socket-activate to listen")
+        return agent
+
+    def popen(self, args, **kwargs):
+        kwargs.setdefault("env", self.demo.ov.env)
+        kwargs.setdefault("cwd", self.tmp)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        kwargs.setdefault("bufsize", 0)     # read_line() selects on the raw pipe
+        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def track(self, pid):
+        """A pid (a command's process group) to kill in teardown if still there."""
+        self.pids.append((pid, _start_time(pid)))
+
+    def detached_pid(self, pid_file):
+        """A detached agent found through its pid file, stopped in teardown."""
+        pid = int(Path(pid_file).read_text().strip())
+        self.track(pid)
+        return pid
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        for agent in self.agents:
+            try:
+                agent.terminate(10)
+            except subprocess.TimeoutExpired:
+                agent.proc.kill()
+                agent.proc.wait(5)
+        for pid, started in self.pids:
+            if started is None or _start_time(pid) != started:
+                continue            # gone (the pid may since belong to someone else)
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def _start_time(pid):
+    """A process's start time (clock ticks since boot): tells it from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.fixture
+def agents(demo, tmp_path):
+    harness = AgentHarness(demo, tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.cleanup()
+
+
+@pytest.fixture
+def agent(agents):
+    """A foreground agent with the unscoped key, default app demo, --grace 1."""
+    return agents.start()
+
+
+def probe(agent, *options, **kwargs):
+    """Run PROBE through the agent; return what the command saw."""
+    result = agent.run(sys.executable, "-c", PROBE, options=options, **kwargs)
+    assert result.returncode == 0, (result.returncode, redact(result.err))
+    return json.loads(result.out)
+
+
+# -- systemd's notification socket ---------------------------------------------
+
+
+class NotifyListener:
+    """A fake NOTIFY_SOCKET: a bound AF_UNIX datagram socket recording messages."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages = []      # (monotonic time, set of lines)
+
+    def receive(self, timeout):
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        lines = set(data.decode(errors="replace").splitlines())
+        self.messages.append((time.monotonic(), lines))
+        return lines
+
+    def wait_for(self, line, timeout=WAIT):
+        """Receive until a message holding *line* arrives; return that message."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.receive(max(0.01, deadline - time.monotonic()))
+            if lines and line in lines:
+                return lines
+        raise AssertionError(f"no {line} on NOTIFY_SOCKET within {timeout} s; got "
+                             f"{[sorted(m) for _, m in self.messages]}")
+
+    def seen(self, line):
+        return [t for t, lines in self.messages if line in lines]
+
+    def close(self):
+        self.sock.close()
+
+
+# -- a recording proxy ---------------------------------------------------------
+
+
+class RecordingProxy:
+    """Listens on *path* and joins each client to the agent at *target*, relaying
+    both directions (SCM_RIGHTS descriptors included) and recording every byte."""
+
+    def __init__(self, path, target, delay=0.0):
+        self.target, self.delay = str(target), delay   # delay: agent -> client, each chunk
+        self.to_agent, self.to_client = bytearray(), bytearray()
+        self.fds_relayed = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        self._lock = threading.Lock()
+        self._threads, self._sockets = [], []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            self._sockets += [client, upstream]
+            for src, dst, record in ((client, upstream, self.to_agent),
+                                     (upstream, client, self.to_client)):
+                thread = threading.Thread(target=self._pump, args=(src, dst, record),
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _pump(self, src, dst, record):
+        try:
+            while True:
+                data, ancdata, _, _ = src.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+                fds = protocol._fds_from(ancdata)
+                try:
+                    if not data:
+                        break
+                    with self._lock:
+                        record += data
+                        self.fds_relayed += len(fds)
+                    if record is self.to_client and self.delay:
+                        time.sleep(self.delay)
+                    if fds:
+                        sent = dst.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                     array.array("i", fds))])
+                        data = data[sent:]
+                    dst.sendall(data)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def join(self, timeout=WAIT):
+        for thread in self._threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "proxy still relaying"
+
+    def close(self):
+        """Stop listening and cut every relayed connection (shutdown wakes the pumps)."""
+        self.listener.close()
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def socket_mode(path):
+    st = os.lstat(path)
+    return stat.S_ISSOCK(st.st_mode), stat.S_IMODE(st.st_mode)

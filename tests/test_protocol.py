@@ -1,0 +1,402 @@
+"""Denials: the agent's side of the wire protocol (docs/protocol.rst), spoken directly
+with ovagent.protocol against a real agent, plus what crosses the socket."""
+
+import collections
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
+from agent_fixtures import (DEMO_SECRETS, OV, SENTINEL, SETPRIV, RecordingProxy, Session,
+                            frame_of, needs_setpriv, protocol, redact, sha256, signed,
+                            wait_for, wrong_key)
+
+
+def outcome(reply):
+    """'status' / 'started' (served), 'error:CODE', or 'closed'."""
+    if reply == "closed":
+        return "closed"
+    if reply["type"] == "error":
+        return f"error:{reply['code']}"
+    return reply["type"]
+
+
+def ask(agent, build, fds=(), reply=False):
+    """One connection: send build(challenge) (a dict, or raw frame bytes) and
+    half-close, so a frame claiming more bytes than were sent ends in EOF instead of
+    waiting out the frame deadline.  Returns the outcome (with reply: the frame too)."""
+    with Session(agent.socket) as session:
+        data = build(session.challenge)
+        if isinstance(data, dict):
+            data = protocol.encode_frame(data)
+        session.send(data, fds)
+        try:
+            session.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answer = session.answer()
+        return (outcome(answer), answer) if reply else outcome(answer)
+
+
+@pytest.fixture
+def key(demo):
+    return demo.key.read_bytes()
+
+
+@pytest.fixture
+def null_fds():
+    with open(os.devnull, "r+b") as null:
+        yield [null.fileno()] * 3
+
+
+# -- keys and MACs ---------------------------------------------------------------
+
+
+def test_a_wrong_key_is_refused_auth_failed(agent, tmp_path):
+    bad = wrong_key(tmp_path / "wrong.kek")
+    result = agent.run("true", key=bad)
+    assert result.returncode == 4, redact(result.err)
+    assert result.err == ("ov: agent refused the request: request authentication "
+                          "failed [auth-failed]\n")
+    assert ask(agent, lambda c: signed(bad.read_bytes(), c)) == "error:auth-failed"
+
+
+def test_unsigned_and_wrongly_bound_requests_are_refused(agent, key):
+    other = os.urandom(protocol.CHALLENGE_BYTES).hex()
+    bad_mac = lambda c: dict(signed(key, c), mac="0" * 64)  # noqa: E731
+    replies = [ask(agent, build, reply=True) for build in (
+        lambda c: signed(None, c),           # unsigned
+        lambda c: signed(key, other),        # signed for another challenge
+        bad_mac)]
+    assert [result for result, _ in replies] == ["error:auth-failed"] * 3
+    # The same message whatever failed: nothing to learn from the refusal.
+    assert len({frame["message"] for _, frame in replies}) == 1
+    assert ask(agent, lambda c: signed(key, c)) == "status"
+
+
+def flip(frame, bit):
+    data = bytearray(frame)
+    data[bit // 8] ^= 0x80 >> (bit % 8)
+    return bytes(data)
+
+
+def bit_flip_outcomes(agent, build, fds=()):
+    """Flip every bit of the frame (header and body), one per connection; the golden
+    frame is signed anew for each connection's challenge, then a bit is flipped in
+    its serialized bytes.  No sampling: ~2,700-2,900 connections take 2-4 s."""
+    size = len(protocol.encode_frame(build(os.urandom(protocol.CHALLENGE_BYTES).hex())))
+    outcomes = collections.Counter()
+    for bit in range(8 * size):
+        def tampered(challenge, bit=bit):
+            frame = protocol.encode_frame(build(challenge))
+            assert len(frame) == size
+            return flip(frame, bit)
+        result = ask(agent, tampered, fds)
+        outcomes[result] += 1
+        assert result.startswith("error:") or result == "closed", (bit, result)
+    return size, outcomes
+
+
+def test_every_bit_flip_of_a_signed_status_request_is_refused(agent, key):
+    def build(challenge):
+        return signed(key, challenge, "status")
+
+    assert ask(agent, build) == "status"                    # the golden frame works
+    size, outcomes = bit_flip_outcomes(agent, build)
+    assert sum(outcomes.values()) == 8 * size
+    assert {"error:auth-failed", "error:bad-frame", "error:bad-request"} <= set(outcomes)
+    assert ask(agent, build) == "status"                    # and still does
+
+
+def test_every_bit_flip_of_a_signed_run_request_is_refused(agent, key, null_fds):
+    """A run request with every MAC-covered field set and descriptors attached, so
+    a flip that got past authentication would show as 'started'."""
+    def build(challenge):
+        return signed(key, challenge, "run", app="demo", env="production",
+                      secrets=["API_TOKEN"], argv=["true", "x"], environ={"A": "b"},
+                      cwd="/", umask=0o22)
+
+    assert ask(agent, build, null_fds) == "started"
+    size, outcomes = bit_flip_outcomes(agent, build, null_fds)
+    assert sum(outcomes.values()) == 8 * size
+    assert ask(agent, build, null_fds) == "started"
+
+
+# -- time, replay, one request per connection -----------------------------------------
+
+
+def start_of_a_second():
+    """Wait until early in a second, so int(time.time()) +- N is N +- a few ms off."""
+    fraction = time.time() % 1
+    if fraction > 0.3:
+        time.sleep(1 - fraction + 0.01)
+
+
+@pytest.mark.parametrize("offset, expected", [
+    (-31, "error:stale"), (31, "error:stale"), (-29, "status"), (29, "status"),
+])
+def test_timestamps_outside_30_seconds_are_stale(agent, key, offset, expected):
+    def build(challenge):
+        req = protocol.new_request("status", challenge)
+        req["ts"] = int(time.time()) + offset
+        req["mac"] = protocol.sign(protocol.mac_key(key), req)
+        return req
+
+    start_of_a_second()
+    assert ask(agent, build) == expected
+
+
+def test_a_replayed_frame_is_refused_on_a_new_connection(agent, key):
+    with Session(agent.socket) as first:
+        frame = protocol.encode_frame(signed(key, first.challenge))
+        first.send(frame)
+        assert outcome(first.answer()) == "status"
+    assert ask(agent, lambda challenge: frame) == "error:auth-failed"
+
+
+def test_a_second_request_on_one_connection_is_not_served(agent, key):
+    with Session(agent.socket) as session:
+        session.send(protocol.encode_frame(signed(key, session.challenge)))
+        assert outcome(session.answer()) == "status"
+        session.send(protocol.encode_frame(signed(key, session.challenge)))
+        assert session.answer() == "closed"
+
+
+def test_a_request_sent_while_a_command_runs_is_not_served(agent, key, null_fds):
+    with Session(agent.socket) as session:
+        session.send(protocol.encode_frame(signed(
+            key, session.challenge, "run", argv=["sleep", "0.5"])), null_fds)
+        assert outcome(session.answer()) == "started"
+        session.send(protocol.encode_frame(signed(key, session.challenge)))
+        assert session.answer() == {"type": "exit", "code": 0, "signal": None}
+        assert session.answer() == "closed"
+
+
+# -- framing and schema ---------------------------------------------------------------
+
+
+def test_an_oversize_frame_is_refused_before_its_body(agent):
+    for length in (2**32 - 1, protocol.MAX_FRAME + 1):
+        with Session(agent.socket) as session:
+            started = time.monotonic()
+            session.send(b"OV\x01\x00" + length.to_bytes(4, "big"))   # no body follows
+            reply = session.answer(timeout=protocol.FRAME_TIMEOUT / 2)
+            assert isinstance(reply, dict) and reply["code"] == "too-large", reply
+            assert str(length) in reply["message"]
+            assert session.answer(timeout=2) == "closed"
+            # Answered at once: it never waited for (or read) the promised body.
+            assert time.monotonic() - started < 2
+
+
+def raw(body):
+    return lambda challenge: frame_of(body.replace(b"CHALLENGE", challenge.encode()))
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"", "bad-frame"),
+    (b"{", "bad-frame"),
+    (b'{"type": "request"', "bad-frame"),
+    (b"[]", "bad-frame"),
+    (b'"request"', "bad-frame"),
+    (b"{}", "bad-frame"),
+    (b'{"type": 1}', "bad-frame"),
+    (b'{"type": "request", "x": "\xff\xfe"}', "bad-frame"),
+    (b'{"type": "request", "ts": NaN}', "bad-frame"),
+    (b'{"type": "request", "ts": Infinity}', "bad-frame"),
+    (b'{"type": "request", "ts": -Infinity}', "bad-frame"),
+    (b'{"type": "request", "ts": 1.5}', "bad-frame"),
+    (b'{"type": "request", "ts": 1e3}', "bad-frame"),
+    (b'{"type": "request", "ts": 123456789012345678901}', "bad-frame"),
+    (b'{"type": "request", "type": "request"}', "bad-frame"),
+    (b'{"type": "hello", "challenge": "CHALLENGE"}', "bad-request"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_malformed_bodies_are_refused(agent, body, code):
+    assert ask(agent, raw(body)) == f"error:{code}"
+
+
+@pytest.mark.parametrize("header", [b"XV\x01\x00", b"OV\x02\x00", b"OV\x01\x01",
+                                    b"ov\x01\x00"])
+def test_bad_magic_version_or_reserved_byte_is_a_bad_frame(agent, key, header):
+    def build(challenge):
+        return header + protocol.encode_frame(signed(key, challenge))[4:]
+    assert ask(agent, build) == "error:bad-frame"
+
+
+def signed_text(key, challenge, replace=None, append="", sub=None):
+    """A validly signed status request as JSON text, then edited textually."""
+    text = protocol.encode_frame(signed(key, challenge))[protocol.HEADER_LEN:].decode()
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    if sub:
+        text, count = re.subn(*sub, text)
+        assert count == 1
+    if append:
+        text = text[:-1] + append + "}"
+    return frame_of(text.encode())
+
+
+@pytest.mark.parametrize("edit, code", [
+    ({"append": ',"extra":1'}, "bad-request"),                        # unknown field
+    ({"append": ',"op":"run"'}, "bad-frame"),                         # duplicate key
+    ({"append": ',"mac":null'}, "bad-frame"),                         # duplicate mac
+    ({"replace": ('"umask":18,', '')}, "bad-request"),                # missing field
+    ({"replace": ('"umask":18', '"umask":true')}, "bad-request"),     # bool for int
+    ({"replace": ('"umask":18', '"umask":4096')}, "bad-request"),     # out of range
+    ({"replace": ('"cwd":"/"', '"cwd":"tmp"')}, "bad-request"),       # relative cwd
+    ({"replace": ('"op":"status"', '"op":"shell"')}, "bad-request"),  # unknown op
+    ({"replace": ('"environ":{}', '"environ":{"A=B":"c"}')}, "bad-request"),
+    ({"replace": ('"argv":[]', '"argv":["a\\u0000b"]')}, "bad-request"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_schema_violations_are_refused(agent, key, edit, code):
+    assert ask(agent, lambda c: signed_text(key, c, **edit)) == f"error:{code}"
+
+
+def test_a_nan_timestamp_in_a_signed_request_is_refused(agent, key):
+    nan = (r'"ts":\d+', '"ts":NaN')
+    assert ask(agent, lambda c: signed_text(key, c, sub=nan)) == "error:bad-frame"
+
+
+@pytest.mark.parametrize("count", [0, 1, 4])
+def test_a_run_request_needs_exactly_three_descriptors(agent, key, count):
+    with open(os.devnull, "r+b") as null:
+        result = ask(agent, lambda c: signed(key, c, "run"), [null.fileno()] * count)
+    assert result == "error:bad-request"
+
+
+def test_denials_are_counted(agent, key):
+    for _ in range(3):
+        assert ask(agent, lambda c: signed(None, c)) == "error:auth-failed"
+    with Session(agent.socket) as session:
+        reply = session.request(signed(key, session.challenge))
+    assert reply["counters"]["denied"] == 3 and reply["counters"]["accepted"] == 0
+
+
+# -- another uid ------------------------------------------------------------------------
+
+PEER_SCRIPT = """
+import json, socket, sys
+from ovagent import protocol
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(5)
+sock.connect(sys.argv[1])
+frame, _ = protocol.recv_frame(sock, timeout=5)
+print(json.dumps(frame))
+"""
+
+
+@needs_setpriv
+def test_a_foreign_uid_is_refused_by_a_non_root_agent(agents, demo):
+    """A non-root agent (uid 65534) serves only its uid (and root): uid 65533 gets
+    peer-refused before the agent reads a byte, even with the socket opened up."""
+    base = Path(tempfile.mkdtemp(prefix="ov-uid-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)          # pytest's tmp_path is 0700: other uids need a way in
+        for sub in ("home", "run", "vault"):
+            (base / sub).mkdir(mode=0o700)
+        (base / "vault" / "vault.db").write_bytes(demo.path.read_bytes())
+        key = base / "agent.kek"
+        key.write_bytes(demo.key.read_bytes())
+        key.chmod(0o600)
+        for path in (base / "home", base / "run", base / "vault", base / "vault" / "vault.db",
+                     key):
+            os.chown(path, 65534, 65534)
+        sock = base / "run" / "a.sock"
+        env = {"OV_VAULT": str(base / "vault" / "vault.db"), "HOME": str(base / "home")}
+        agent = agents.start(key=key, sock=sock, env=env, cwd=base, wrap=[
+            SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups"])
+        assert os.stat(sock).st_uid == 65534
+        os.chmod(base / "run", 0o777)
+        os.chmod(sock, 0o777)
+
+        def first_frame(uid):
+            result = subprocess.run(
+                [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                 sys.executable, "-c", PEER_SCRIPT, str(sock)],
+                check=False, capture_output=True, timeout=30, cwd=base)
+            assert result.returncode == 0, result.stderr.decode()
+            return json.loads(result.stdout)
+
+        refused = first_frame(65533)
+        assert refused["type"] == "error" and refused["code"] == "peer-refused", refused
+        assert "uid 65533 may not use this agent (it serves uid 65534)" in refused["message"]
+        assert first_frame(65534)["type"] == "hello"       # its own uid is served
+        assert first_frame(0)["type"] == "hello"           # and so is root
+        assert "peer_uid=65533" in agent.log() and "code=peer-refused" in agent.log()
+        # The real client refuses a socket owned by someone else before connecting.
+        result = subprocess.run(
+            [SETPRIV, "--reuid=65533", "--regid=65533", "--clear-groups", OV, "run",
+             "--agent", "--socket", str(sock), "--", "true"],
+            check=False, capture_output=True, timeout=30, cwd=base)
+        assert result.returncode == 6
+        assert b"is owned by uid 65534, neither you nor root" in result.stderr
+    finally:
+        agents.cleanup()                      # stop the agent before removing its home
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- nothing secret crosses the socket -----------------------------------------------
+
+
+def test_no_secret_key_or_mac_crosses_the_socket_or_reaches_the_log(agent, demo, tmp_path,
+                                                                    key):
+    """Everything between client and agent goes through a recording proxy (passing
+    the SCM_RIGHTS descriptors on): runs that use every secret, a status request,
+    refusals.  Neither direction may carry a secret value or the machine key; no
+    answer and no log line may carry a MAC or the MAC subkey."""
+    proxy = RecordingProxy(tmp_path / "p.sock", agent.socket)
+    via = tmp_path / "p.sock"
+    try:
+        result = agent.run("sh", "-c", 'printf %s "$DB_URL" | sha256sum; '
+                           'printf %s "$API_TOKEN" | sha256sum >&2; exit 3', via=via)
+        assert result.returncode == 3
+        assert result.out.split()[0] == sha256(DEMO_SECRETS["DB_URL"])
+        assert result.err.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
+        assert agent.run("true", options=["--secrets", "DB_URL"], via=via).returncode == 0
+        assert agent.run("true", options=["--secrets", "NOPE"], via=via).returncode == 3
+        assert agent.run("no-such-command-ov", via=via).returncode == 127
+        assert agent.run("true", key=wrong_key(tmp_path / "w.kek"), via=via).returncode == 4
+        assert agent.status(via=via).returncode == 0
+        wait_for(lambda: agent.log().count("exited:") >= 2, "the runs' audit records")
+        proxy.join()                          # every relayed connection has ended
+    finally:
+        proxy.close()
+    assert proxy.fds_relayed >= 3 * 3
+    to_agent, to_client = bytes(proxy.to_agent), bytes(proxy.to_client)
+    log = agent.log_path.read_bytes()
+    subkey = protocol.mac_key(key)
+    macs = [mac.encode() for mac in _macs(to_agent)]
+    assert len(macs) >= 6
+    needles = [(f"the value of {n}", v.encode()) for n, v in DEMO_SECRETS.items() if v]
+    needles += [("the sentinel", SENTINEL.encode()), ("the machine key", key),
+                ("the machine key in hex", key.hex().encode()), ("the MAC subkey", subkey),
+                ("the MAC subkey in hex", subkey.hex().encode())]
+    macs = [(f"request MAC #{i}", mac) for i, mac in enumerate(macs)]
+    for name, data, forbidden in (("client -> agent", to_agent, needles),
+                                  ("agent -> client", to_client, needles + macs),
+                                  ("the agent's log", log, needles + macs)):
+        # Only labels reach the assertion message, never the bytes themselves.
+        found = [label for label, needle in forbidden if data.find(needle) != -1]
+        assert found == [], f"found in {name}"
+
+
+def _macs(stream):
+    """The mac field of every request in a recorded client -> agent byte stream."""
+    macs, offset = [], 0
+    while offset + protocol.HEADER_LEN <= len(stream):
+        length = int.from_bytes(stream[offset + 4:offset + 8], "big")
+        body = stream[offset + protocol.HEADER_LEN:offset + protocol.HEADER_LEN + length]
+        frame = json.loads(body)
+        if frame.get("type") == "request" and frame.get("mac"):
+            macs.append(frame["mac"])
+        offset += protocol.HEADER_LEN + length
+    return macs
