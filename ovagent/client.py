@@ -17,7 +17,9 @@ from .errors import EXIT_AGENT, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_USAGE, AgentErro
 
 SYSTEM_SOCKET = "/run/ov-agent/ov-agent.sock"
 SYSTEM_KEY = "/etc/ov/machine.kek"
-CONNECT_TIMEOUT = 30.0   # a socket-activated agent may still be starting
+# A socket-activated agent may still be starting, or a restarting one still draining
+# (the system unit drains up to 30 s): wait longer than both before giving up.
+CONNECT_TIMEOUT = 60.0
 EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
                  protocol.E_REPLAY: EXIT_AUTH, protocol.E_PEER: EXIT_AUTH,
                  protocol.E_NOT_FOUND: EXIT_NOT_FOUND,
