@@ -24,7 +24,7 @@ import uuid
 from . import __version__, protocol
 from .errors import NotFoundError, OvError, UsageError
 from .protocol import ProtocolError
-from .systemd_glue import Audit, Notifier, cgroup_path, peer_unit
+from .systemd_glue import Audit, Notifier, process_cgroups
 
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_GRACE = 5.0           # seconds between SIGTERM and SIGKILL of an orphan
@@ -33,6 +33,7 @@ NONCE_CAPACITY = 100_000
 ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
+CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified, hybrid
 
 
 def _enter_cgroup(fd):
@@ -82,7 +83,7 @@ class Peer:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                 struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        self.unit = peer_unit(self.pid)
+        self.unit, self.cgroup = process_cgroups(self.pid)
         self._conn = conn
 
     def groups(self):
@@ -133,6 +134,7 @@ class Agent:
         self.audit = audit or Audit()
         self.notifier = notifier or Notifier()
         self.uid = os.geteuid()
+        self._own_cgroup = process_cgroups(os.getpid())[1]
         self.started = time.monotonic()
         self.nonces = NonceCache()
         self.counters = {"accepted": 0, "denied": 0, "running": 0, "busy": 0}
@@ -367,7 +369,8 @@ class Agent:
         environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
         environ.update({name.encode(): value for name, value in values.items()})
         del values
-        cgroup_fd = self._caller_cgroup_fd(peer)
+        cgroup_procs = self._caller_cgroup_procs(peer)
+        cgroup_fd = self._open_cgroup_procs(cgroup_procs)
         try:
             child = subprocess.Popen(
                 [os.fsencode(arg) for arg in req["argv"]], stdin=fds[0], stdout=fds[1],
@@ -384,7 +387,7 @@ class Agent:
             self._close_fds(fds)
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
-        self._join_caller_cgroup(child.pid, peer)
+        self._join_caller_cgroup(child.pid, cgroup_procs)
         with self._lock:
             self.counters["accepted"] += 1
             self.counters["running"] += 1
@@ -408,34 +411,32 @@ class Agent:
             return {}
         return {"user": peer.uid, "group": peer.gid, "extra_groups": peer.groups()}
 
-    def _caller_cgroup_fd(self, peer):
-        """A root agent on cgroup2: the caller's cgroup.procs, opened for writing, so
-        the child enters it before exec (see _enter_cgroup); None otherwise."""
-        if self.uid != 0:
-            return None
-        target = cgroup_path(peer.pid)
-        if not target or target == cgroup_path(os.getpid()):
-            return None
-        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+    def _caller_cgroup_procs(self, peer):
+        """The cgroup.procs files (one per candidate mount) of the caller's cgroup2
+        group, when a root agent should move the command there; else []."""
+        if self.uid != 0 or not peer.cgroup or peer.cgroup == self._own_cgroup:
+            return []
+        return [os.path.join(root, peer.cgroup.lstrip("/"), "cgroup.procs")
+                for root in CGROUP_ROOTS]
+
+    @staticmethod
+    def _open_cgroup_procs(candidates):
+        """The first of the caller's cgroup.procs files that opens for writing, so the
+        child enters it before exec (see _enter_cgroup); None if none does."""
+        for procs in candidates:
             try:
-                return os.open(os.path.join(root, target.lstrip("/"), "cgroup.procs"),
-                               os.O_WRONLY | os.O_CLOEXEC)
+                return os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
             except OSError:
                 continue
         return None
 
-    def _join_caller_cgroup(self, pid, peer):
+    @staticmethod
+    def _join_caller_cgroup(pid, candidates):
         """On cgroup2 a root agent moves the command into the caller's cgroup, so it
         belongs to the caller's unit (stopped with it, kept across agent restarts).
         Normally the child already moved itself before exec (_enter_cgroup); this
         is the fallback for kernels that check the writer's credentials."""
-        if self.uid != 0:
-            return
-        target = cgroup_path(peer.pid)
-        if not target or target == cgroup_path(os.getpid()):
-            return
-        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-            procs = os.path.join(root, target.lstrip("/"), "cgroup.procs")
+        for procs in candidates:
             try:
                 with open(procs, "w") as handle:
                     handle.write(str(pid))

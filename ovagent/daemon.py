@@ -13,23 +13,24 @@ from .errors import EXIT_NOT_FOUND, NotFoundError, OvError, UsageError
 from .systemd_glue import Audit, inherited_listener, journal_available, under_systemd
 
 PID_FILE_NAME = "ov-agent.pid"
-NO_KEY_HELP = ("create a machine key with 'ov auth derive-machine-key --out "
-               "/etc/ov/machine.kek' (mode 0600), then 'systemctl restart ov-agent.service'")
+SYSTEM_UNIT = "ov-agent.service"
 
 
 def no_key_help():
-    """How to give this agent a key: NO_KEY_HELP for the system agent; a user agent
-    or a unit with another name ('ov agent install --unit-name') gets its own."""
-    from .client import default_key_path
-    from .systemd_glue import peer_unit
+    """How to give this agent a key: the system key and unit for the system agent;
+    a user agent or a unit with another name ('ov agent install --unit-name') gets
+    its own key path and unit."""
+    from .client import SYSTEM_KEY, default_key_path
+    from .systemd_glue import process_cgroups
 
-    unit = peer_unit(os.getpid()) if os.environ.get("INVOCATION_ID") else None
+    unit = process_cgroups(os.getpid())[0] if os.environ.get("INVOCATION_ID") else None
     if not (unit or "").endswith(".service") or (
-            os.geteuid() == 0 and unit == "ov-agent.service"):
-        return NO_KEY_HELP
-    scope = "" if os.geteuid() == 0 else " --user"
-    return (f"create a machine key with 'ov auth derive-machine-key --out "
-            f"{default_key_path()}' (mode 0600), then 'systemctl{scope} restart {unit}'")
+            os.geteuid() == 0 and unit == SYSTEM_UNIT):
+        key_path, scope, unit = SYSTEM_KEY, "", SYSTEM_UNIT
+    else:
+        key_path, scope = default_key_path(), "" if os.geteuid() == 0 else " --user"
+    return (f"create a machine key with 'ov auth derive-machine-key --out {key_path}' "
+            f"(mode 0600), then 'systemctl{scope} restart {unit}'")
 
 
 def default_agent_socket():

@@ -141,29 +141,21 @@ def journal_available():
     return False
 
 
-def peer_unit(pid):
-    """The systemd unit (service or scope) a process belongs to, from its cgroup."""
+def process_cgroups(pid):
+    """(systemd unit, cgroup2 path) of a process from one read of /proc/PID/cgroup.
+
+    The unit is the innermost service or scope (from the cgroup2 or name=systemd
+    hierarchy); the path is None on pure cgroup v1.  (None, None) if unreadable."""
     try:
         with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except OSError:
-        return None
-    paths = [line.split(":", 2)[2] for line in lines if line.count(":") >= 2
-             and line.split(":", 2)[1] in ("", "name=systemd")]
-    for path in paths:
-        for part in reversed(path.split("/")):
-            if part.endswith((".service", ".scope")):
-                return part
-    return None
-
-
-def cgroup_path(pid):
-    """The cgroup2 path of a process ("0::/..." line), or None on pure cgroup v1."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        pass
-    return None
+        return None, None
+    fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    paths = [path for _, controllers, path in fields
+             if controllers in ("", "name=systemd")]
+    unit = next((part for path in paths for part in reversed(path.split("/"))
+                 if part.endswith((".service", ".scope"))), None)
+    cgroup2 = next((path.strip() for hierarchy, controllers, path in fields
+                    if hierarchy == "0" and controllers == ""), None)
+    return unit, cgroup2
