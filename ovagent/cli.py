@@ -29,7 +29,7 @@ PASSWORD_STDIN = argh.arg("--password-stdin",
 # -- helpers ---------------------------------------------------------------
 
 
-def _open_vault(path, create=False):
+def _open_vault(path):
     from .store import default_vault_path
     from .vault import Vault
 
