@@ -1,8 +1,8 @@
 """``ov agent``: the daemon that holds the machine key and runs commands with secrets.
 
-One thread per connection (bounded by --max-clients); the main thread accepts,
-checks SO_PEERCRED before reading a byte, feeds the systemd watchdog and handles
-signals.  A connection carries exactly one request: the agent sends a fresh
+One worker thread per connection (at most --max-clients; idle workers are reused);
+the main thread accepts, checks SO_PEERCRED before reading a byte, feeds the systemd
+watchdog and handles signals.  A connection carries exactly one request: the agent sends a fresh
 challenge, verifies the signed request (docs/protocol.rst), decrypts only the
 requested secrets, spawns the command with the client's fds, cwd, umask and
 environment plus the secrets (never the agent's own environment), relays signals
@@ -12,6 +12,8 @@ gets SIGTERM, then SIGKILL after a grace period.
 
 import hmac
 import os
+import queue
+import select
 import selectors
 import signal
 import socket
@@ -19,7 +21,6 @@ import struct
 import subprocess
 import threading
 import time
-import uuid
 
 from . import __version__, protocol
 from .errors import NotFoundError, OvError, UsageError
@@ -113,14 +114,13 @@ class KeyState:
         and (when the agent holds the KEK) that app's key (a scoped machine key)."""
         keys = [self._own_subkey] if self._own_subkey else []
         if self.keyring is not None and self.keyring.kek is not None:
-            record = self.vault.store.get_app(app)
-            if record is not None:
-                cache_key = (app, record.generation, record.wrapped_key)
-                if cache_key not in self._app_subkeys:
-                    app_key = self.vault.unwrap_app_key(self.keyring.kek, record)
-                    self._app_subkeys = {cache_key: protocol.mac_key(app_key)} | {
-                        k: v for k, v in self._app_subkeys.items() if k[0] != app}
-                keys.append(self._app_subkeys[cache_key])
+            try:
+                app_key = self.keyring.app_key(app)
+            except (NotFoundError, UsageError):   # no such app, or not a valid name
+                return keys
+            if self._app_subkeys.get(app, (None,))[0] != app_key:
+                self._app_subkeys[app] = (app_key, protocol.mac_key(app_key))
+            keys.append(self._app_subkeys[app][1])
         return keys
 
 
@@ -139,7 +139,10 @@ class Agent:
         self.nonces = NonceCache()
         self.counters = {"accepted": 0, "denied": 0, "running": 0, "busy": 0}
         self._lock = threading.Lock()
-        self._handlers = set()
+        self._idle = threading.Condition(self._lock)   # notified when a handler ends
+        self._active = 0          # connections being handled (bounded by max_clients)
+        self._idle_workers = 0
+        self._connections = queue.SimpleQueue()
         self._detach_r, self._detach_w = os.pipe()
         self._stop = False
 
@@ -219,25 +222,45 @@ class Agent:
                          f"uid {peer.uid} may not use this agent (it serves uid {self.uid})")
             return True
         with self._lock:
-            if len(self._handlers) >= self.max_clients:
+            busy = self._active >= self.max_clients
+            if busy:
                 self.counters["busy"] += 1
-                busy = True
             else:
-                busy = False
+                self._active += 1
+                reuse = self._idle_workers > 0
+                if reuse:
+                    self._idle_workers -= 1
         if busy:
             self._refuse(conn, peer, protocol.E_BUSY,
                          f"agent busy: {self.max_clients} requests already running")
             return True
-        thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
-        with self._lock:
-            self._handlers.add(thread)
-        try:
-            thread.start()
-        except RuntimeError:
-            with self._lock:
-                self._handlers.discard(thread)
-            self._refuse(conn, peer, protocol.E_BUSY, "agent cannot start a thread")
+        if not reuse:
+            try:
+                threading.Thread(target=self._worker, daemon=True).start()
+            except RuntimeError:
+                self._handled()
+                self._refuse(conn, peer, protocol.E_BUSY, "agent cannot start a thread")
+                return True
+        self._connections.put((conn, peer))
         return True
+
+    def _worker(self):
+        """Handle connections one after another: a thread is started only when none
+        is idle, and then kept (at most --max-clients of them), which spares each
+        request a thread start and its hand-off with the accepting thread."""
+        while True:
+            conn, peer = self._connections.get()
+            try:
+                self._handle(conn, peer)
+            finally:
+                self._handled(idle_worker=True)
+
+    def _handled(self, idle_worker=False):
+        with self._lock:
+            self._active -= 1
+            if idle_worker:
+                self._idle_workers += 1
+            self._idle.notify_all()
 
     def _refuse(self, conn, peer, code, message, **fields):
         with self._lock:
@@ -254,23 +277,18 @@ class Agent:
 
     def _drain(self):
         """Let running requests finish (up to --drain seconds), then detach the rest."""
-        deadline = time.monotonic() + self.drain
-        while time.monotonic() < deadline:
-            with self._lock:
-                handlers = list(self._handlers)
-            if not handlers:
+        with self._lock:
+            self._idle.wait_for(lambda: self._active == 0, timeout=self.drain)
+            if self._active == 0:
                 return
-            handlers[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
         os.write(self._detach_w, b"x")
         with self._lock:
-            handlers = list(self._handlers)
-        for thread in handlers:
-            thread.join(5.0)
+            self._idle.wait_for(lambda: self._active == 0, timeout=5.0)
 
     # -- one connection ----------------------------------------------------------
 
     def _handle(self, conn, peer):
-        request_id = uuid.uuid4().hex[:16]
+        request_id = os.urandom(8).hex()
         fds = []
         try:
             challenge = os.urandom(protocol.CHALLENGE_BYTES).hex()
@@ -300,8 +318,6 @@ class Agent:
                          f"internal error ({type(exc).__name__})", request_id=request_id)
         finally:
             conn.close()
-            with self._lock:
-                self._handlers.discard(threading.current_thread())
 
     @staticmethod
     def _close_fds(fds):
@@ -445,46 +461,46 @@ class Agent:
                 continue
 
     def _supervise(self, conn, child):
-        """Relay signals until the child exits; kill its group if the client leaves."""
+        """Relay signals until the child exits; kill its group if the client leaves.
+        (select.poll rather than a selectors object: nothing to create, register
+        and close on every request.)"""
         pidfd = os.pidfd_open(child.pid)
-        selector = selectors.DefaultSelector()
-        selector.register(pidfd, selectors.EVENT_READ, "child")
-        selector.register(conn, selectors.EVENT_READ, "client")
-        selector.register(self._detach_r, selectors.EVENT_READ, "detach")
+        poller = select.poll()
+        for fd in (pidfd, conn.fileno(), self._detach_r):
+            poller.register(fd, select.POLLIN)
         kill_at = None
         try:
             while True:
-                # After the SIGKILL (kill_at = inf) wait for the child with no timeout:
-                # select() raises OverflowError on an infinite one.
+                # After the SIGKILL (kill_at = inf) wait for the child with no timeout.
                 timeout = (None if kill_at is None or kill_at == float("inf")
-                           else max(0.0, kill_at - time.monotonic()))
-                events = selector.select(timeout)
+                           else max(0, int((kill_at - time.monotonic()) * 1000) + 1))
+                ready = [fd for fd, _ in poller.poll(timeout)]
                 if kill_at is not None and time.monotonic() >= kill_at:
                     self._signal_group(child.pid, signal.SIGKILL)
                     kill_at = float("inf")
-                for key, _ in events:
-                    if key.data == "child":
-                        code = child.wait()
-                        frame = ({"type": "exit", "code": code, "signal": None} if code >= 0
-                                 else {"type": "exit", "code": None, "signal": -code})
-                        if kill_at is None:
-                            try:
-                                protocol.send_frame(conn, frame)
-                            except OSError:
-                                pass
-                            return (f"exited with status {code}" if code >= 0
-                                    else f"killed by signal {-code}")
-                        return f"terminated after its client went away (status {code})"
-                    if key.data == "detach":
+                if pidfd in ready:
+                    code = child.wait()
+                    frame = ({"type": "exit", "code": code, "signal": None} if code >= 0
+                             else {"type": "exit", "code": None, "signal": -code})
+                    if kill_at is None:
                         try:
-                            protocol.send_frame(conn, {"type": "detached", "pid": child.pid})
+                            protocol.send_frame(conn, frame)
                         except OSError:
                             pass
-                        return "left running: the agent stopped"
+                        return (f"exited with status {code}" if code >= 0
+                                else f"killed by signal {-code}")
+                    return f"terminated after its client went away (status {code})"
+                if self._detach_r in ready:
+                    try:
+                        protocol.send_frame(conn, {"type": "detached", "pid": child.pid})
+                    except OSError:
+                        pass
+                    return "left running: the agent stopped"
+                if conn.fileno() in ready:
                     try:
                         frame, _ = protocol.recv_frame(conn)
                     except (EOFError, ProtocolError, OSError):
-                        selector.unregister(conn)
+                        poller.unregister(conn)
                         self._signal_group(child.pid, signal.SIGTERM)
                         kill_at = time.monotonic() + self.grace
                         continue
@@ -493,7 +509,6 @@ class Agent:
                             and signum in RELAYED:
                         self._signal_group(child.pid, signum)
         finally:
-            selector.close()
             os.close(pidfd)
 
     @staticmethod

@@ -179,15 +179,15 @@ def _catch_signals():
 
 def _wait(sock, relay):
     """Relay signals to the command until the agent reports its exit."""
-    import selectors
+    import select
 
     wake_r, _wake_w = relay   # (keep the write end open: it is the wake-up fd)
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ, "agent")
-    selector.register(wake_r, selectors.EVENT_READ, "signal")
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
-        for key, _ in selector.select():
-            if key.data == "signal":
+        for fd, _ in poller.poll():
+            if fd == wake_r.fileno():
                 for signum in wake_r.recv(64):
                     try:
                         protocol.send_frame(sock, {"type": "signal", "signal": signum})

@@ -1,9 +1,11 @@
 """The ``ov`` entry point.
 
 ``ov run --agent`` sits in front of every service start and CI job, so it is parsed
-here with argparse alone and never imports argh, cryptography or the vault.  Every
-other command goes to the full CLI in ovagent.cli, which declares ``ov run`` from the
-same RUN_ARGUMENTS.
+here with getopt, from the same RUN_ARGUMENTS the full CLI declares ``ov run`` with,
+and never imports argparse, argh, cryptography or the vault (argparse alone, with
+the gettext, locale and shutil it pulls in, costs a fifth of the client's start-up).
+Anything getopt refuses, ``--help`` included, goes to the full CLI in ovagent.cli,
+which then prints argparse's usage or error.
 """
 
 import sys
@@ -68,22 +70,38 @@ def run_via_agent(command, *, socket=None, machine_key=None, app=None, env=None,
                       secrets=target.secrets)
 
 
-def _is_agent_run(argv):
-    options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-    return argv[:1] == ["run"] and "--agent" in options
+def _fast_run_options(argv):
+    """Parse ``run --agent ...`` exactly as the full CLI would, or return None and let
+    it decide: errors, --help, and anything starting with a dash that argparse might
+    read differently (an option value, or a command argument with no ``--`` before
+    it)."""
+    import getopt
+
+    flags = {flags[0]: kwargs for flags, kwargs in RUN_ARGUMENTS if flags[0] != "command"}
+    long_options = [flag[2:] + ("" if kwargs.get("action") == "store_true" else "=")
+                    for flag, kwargs in flags.items()]
+    rest = argv[1:]
+    try:
+        options, command = getopt.getopt(rest, "", long_options)
+    except getopt.GetoptError:
+        return None
+    separated = rest[len(rest) - len(command) - 1:][:1] == ["--"]
+    if not command or ("--agent", "") not in options or (
+            any(value.startswith("-") for _, value in options)) or (
+            not separated and any(arg.startswith("-") for arg in command)):
+        return None
+    args = {flag[2:].replace("-", "_"): None for flag in flags if flag != "--agent"}
+    args.update((name[2:].replace("-", "_"), value) for name, value in options
+                if name != "--agent")
+    return command, args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not _is_agent_run(argv):
+    parsed = _fast_run_options(argv) if argv[:1] == ["run"] else None
+    if parsed is None:
         from .cli import main as full_cli
 
         return full_cli(argv)
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="ov run", description=RUN_DOC)
-    for flags, kwargs in RUN_ARGUMENTS:
-        parser.add_argument(*flags, **kwargs)
-    args = vars(parser.parse_args(argv[1:]))
-    args.pop("agent")
-    sys.exit(report_errors(run_via_agent, args.pop("command"), **args))
+    command, args = parsed
+    sys.exit(report_errors(run_via_agent, command, **args))

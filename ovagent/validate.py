@@ -7,13 +7,15 @@ import re
 
 from .errors import UsageError
 
-SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,61}[a-z0-9]|[a-z0-9]")
-NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+# Patterns, not compiled objects: re compiles (and caches) them on first use, so the
+# client pays nothing for them unless it validates a name.
+SLUG_PATTERN = r"[a-z0-9][a-z0-9-]{0,61}[a-z0-9]|[a-z0-9]"
+NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,254}"
 MAX_VALUE_BYTES = 64 * 1024
 
 
 def check_slug(kind, value):
-    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
+    if not isinstance(value, str) or not re.fullmatch(SLUG_PATTERN, value):
         raise UsageError(
             f"invalid {kind} {value!r}: use 1-63 lowercase letters, digits and "
             "dashes, not starting or ending with a dash")
@@ -21,7 +23,7 @@ def check_slug(kind, value):
 
 
 def check_name(name):
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         raise UsageError(
             f"invalid secret name {name!r}: must be an environment variable name "
             "([A-Za-z_][A-Za-z0-9_]*, at most 255 characters)")

@@ -26,6 +26,7 @@ class Keyring:
         self.kek = kek
         self.scope = scope
         self._scoped_key = scoped_key
+        self._app_keys = {}   # app -> (its wrapped record, unwrapped key)
 
     def require_kek(self, action):
         if self.kek is None:
@@ -40,7 +41,15 @@ class Keyring:
                 raise AuthError(
                     f"machine key is scoped to app {self.scope!r}, not {app!r}")
             return self._scoped_key
-        return self._vault.unwrap_app_key(self.kek, self._vault.get_app(app))
+        record = self._vault.get_app(app)
+        wrapped = (record.generation, record.wrapped_key, record.key_check)
+        cached = self._app_keys.get(app)
+        if cached is None or cached[0] != wrapped:
+            # Memoised for the agent, which unwraps per request: it holds the KEK
+            # anyway, and a rotated key changes the record, so it is unwrapped anew.
+            cached = self._app_keys[app] = (wrapped, self._vault.unwrap_app_key(self.kek,
+                                                                               record))
+        return cached[1]
 
 
 class Vault:

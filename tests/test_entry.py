@@ -1,0 +1,73 @@
+"""The ``ov run --agent`` fast path parses with getopt instead of the full CLI's
+argparse: it must never read a command line differently.  Whenever it answers at
+all, its answer must be exactly what the full CLI (argh over argparse) makes of
+the same arguments; otherwise it must hand over to the full CLI."""
+
+import contextlib
+import io
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from ovagent import cli
+from ovagent.entry import RUN_ARGUMENTS, _fast_run_options
+
+OPTION_DESTS = [flags[0][2:].replace("-", "_") for flags, _ in RUN_ARGUMENTS
+                if flags[0].startswith("--") and flags[0] != "--agent"]
+TOKENS = st.sampled_from(["--agent", "--", "-", "-n", "--app", "--app=a", "--env", "e",
+                          "--socket", "/s", "--mach", "--machine-key=/k", "--secrets",
+                          "A,B", "--vault", "--help", "-h", "--ag", "--a", "cmd", "x",
+                          "--x", "--app=-n"])
+OPTIONS = st.sampled_from([["--agent"], ["--app", "a"], ["--app=web"], ["--env", "e"],
+                           ["--socket", "/s"], ["--mach", "/k"], ["--secrets=A,B"],
+                           ["--vault", "v"], ["--app", "-n"], ["--env="]])
+# Mostly well-formed command lines (options, maybe "--", a command), and some noise.
+COMMAND_LINES = st.one_of(
+    st.builds(lambda options, at, dashes, command:
+              sum(options[:at] + [["--agent"]] + options[at:], []) + dashes + command,
+              st.lists(OPTIONS, max_size=4), st.integers(0, 4),
+              st.sampled_from([[], ["--"]]), st.lists(TOKENS, max_size=3)),
+    st.lists(TOKENS, max_size=7))
+
+
+def full_cli(argv):
+    """What the full CLI would run: (command, options), or None if it refuses."""
+    parser = cli.build_parser()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            args = vars(parser.parse_args(argv))
+    except SystemExit:
+        return None
+    if not args.get("agent"):
+        return None
+    return list(args["command"]), {dest: args[dest] for dest in OPTION_DESTS}
+
+
+@settings(max_examples=1500, deadline=None)
+@given(COMMAND_LINES)
+@example(["--agent", "--", "/bin/true"])
+@example(["--agent", "--socket", "/s", "cmd", "x"])
+@example(["--socket=/s", "--agent", "--", "cmd", "--app", "x"])
+def test_the_fast_path_agrees_with_the_full_cli(tokens):
+    argv = ["run", *tokens]
+    fast = _fast_run_options(argv)
+    if fast is not None:
+        assert fast == full_cli(argv)
+
+
+def test_the_fast_path_takes_the_usual_command_lines():
+    """It must answer (not hand over) for what service units and CI scripts write."""
+    for argv in (["run", "--agent", "--", "/usr/bin/app", "--flag"],
+                 ["run", "--agent", "--app", "web", "--env", "prod", "--secrets", "A,B",
+                  "--", "/usr/bin/app"],
+                 ["run", "--agent", "--socket=/run/x.sock", "--machine-key", "/k", "app"]):
+        expected = full_cli(argv)
+        assert expected is not None and _fast_run_options(argv) == expected
+
+
+def test_help_and_errors_go_to_the_full_cli():
+    for argv in (["run", "--agent", "--help"], ["run", "--agent", "-h"],
+                 ["run", "--agent"], ["run", "--agent", "--bogus", "--", "x"],
+                 ["run", "--agent", "--app", "--", "x"], ["run", "--", "x"]):
+        assert _fast_run_options(argv) is None
