@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the project needs on Debian 12, then build two virtualenvs:
 #   .venv-debian  Debian's packaged libraries (python3-argh 0.26, cryptography 38, ...)
-#   .venv-pypi    current PyPI releases (systemd-python built against libsystemd-dev)
+#   .venv-pypi    current PyPI releases (systemd-python built against libsystemd-dev),
+#                 plus the test tools hypothesis, pytest and atheris (the fuzzer)
 # Usage: tests/bootstrap.sh [debian|pypi|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,6 @@ if [ "$which" = pypi ] || [ "$which" = all ]; then
     if [ ! -x .venv-pypi/bin/ov ]; then
         $PY -m venv .venv-pypi
         .venv-pypi/bin/pip install -q --upgrade pip
-        .venv-pypi/bin/pip install -q -e '.[test]'
+        .venv-pypi/bin/pip install -q -e '.[test,fuzz]'
     fi
 fi
