@@ -252,6 +252,8 @@ class Agent:
             conn, peer = self._connections.get()
             try:
                 self._handle(conn, peer)
+            except Exception:  # noqa: BLE001 - a dead worker counted idle hangs clients
+                conn.close()
             finally:
                 self._handled(idle_worker=True)
 
@@ -270,7 +272,7 @@ class Agent:
         try:
             conn.settimeout(1.0)
             protocol.send_frame(conn, protocol.error_frame(code, message))
-        except OSError:
+        except (OSError, ProtocolError):   # gone, or a message too large to send
             pass
         finally:
             conn.close()

@@ -10,7 +10,8 @@ import sys
 
 from . import keyfile
 from .errors import EXIT_NOT_FOUND, NotFoundError, OvError, UsageError
-from .systemd_glue import Audit, inherited_listener, journal_available, under_systemd
+from .systemd_glue import (JOURNAL_SOCKET, Audit, inherited_listener, journal_available,
+                           under_systemd)
 
 PID_FILE_NAME = "ov-agent.pid"
 SYSTEM_UNIT = "ov-agent.service"
@@ -168,7 +169,7 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
     ready_w = _detach() if detach else None
     key = LockedKey(key_or_reason) if vault_obj is not None else None
     audit = Audit(use_journal=journal_available() or
-                  (detach and os.path.exists("/run/systemd/journal/socket")))
+                  (detach and os.path.exists(JOURNAL_SOCKET)))
     if pid_file:
         try:
             _write_pid_file(pid_file)

@@ -155,11 +155,19 @@ def recv_frame(sock, timeout=FRAME_TIMEOUT, want_fds=False, max_size=MAX_FRAME):
         raise
 
 
+def _excerpt(value, limit=60):
+    """repr(value), cut to limit characters: refusals quote the peer's input, and a
+    whole quote could outgrow MAX_FRAME (then the refusal cannot be sent) and would
+    flood the audit log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _no_duplicates(pairs):
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise ProtocolError(E_BAD_FRAME, f"duplicate key {key!r}")
+            raise ProtocolError(E_BAD_FRAME, f"duplicate key {_excerpt(key)}")
         obj[key] = value
     return obj
 
@@ -207,8 +215,15 @@ def _is_hex(text, size):
 
 
 def _check_text(what, text):
+    """A string without NUL whose lone surrogates, if any, are the escapes of non-UTF-8
+    bytes: the MAC's encoding and os.fsencode cannot encode any other."""
     if not isinstance(text, str) or "\0" in text:
         raise ProtocolError(E_BAD_REQUEST, f"{what} must be a string without NUL")
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ProtocolError(E_BAD_REQUEST,
+                            f"{what} has an unencodable surrogate") from None
     return text
 
 
@@ -219,20 +234,23 @@ def validate_request(obj):
     if set(obj) != set(REQUEST_FIELDS):
         extra, missing = set(obj) - set(REQUEST_FIELDS), set(REQUEST_FIELDS) - set(obj)
         raise ProtocolError(E_BAD_REQUEST,
-                            f"unknown fields {sorted(extra)}" if extra
+                            f"unknown fields {_excerpt(sorted(extra))}" if extra
                             else f"missing fields {sorted(missing)}")
     for key, kinds in REQUEST_FIELDS.items():
         value = obj[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise ProtocolError(E_BAD_REQUEST, f"field {key!r} has the wrong type")
     if obj["op"] not in OPS:
-        raise ProtocolError(E_BAD_REQUEST, f"unknown op {obj['op']!r}")
+        raise ProtocolError(E_BAD_REQUEST, f"unknown op {_excerpt(obj['op'])}")
     if not _is_hex(obj["nonce"], NONCE_BYTES) or not _is_hex(obj["challenge"],
                                                               CHALLENGE_BYTES):
         raise ProtocolError(E_BAD_REQUEST, "nonce or challenge malformed")
     if obj["mac"] is not None and not (isinstance(obj["mac"], str)
                                        and obj["mac"].isascii()):
         raise ProtocolError(E_AUTH, "request authentication failed")
+    for name in ("app", "env"):
+        if obj[name] is not None:
+            _check_text(name, obj[name])
     for name in obj["secrets"] or ():
         _check_text("secret name", name)
     if obj["op"] == "run" and not obj["argv"]:
@@ -243,7 +261,7 @@ def validate_request(obj):
         _check_text("environment value", value)
         if not name or "=" in _check_text("environment name", name):
             raise ProtocolError(E_BAD_REQUEST, "environment name is empty or has '='")
-    if not obj["cwd"].startswith("/") or "\0" in obj["cwd"]:
+    if not _check_text("cwd", obj["cwd"]).startswith("/"):
         raise ProtocolError(E_BAD_REQUEST, "cwd must be an absolute path")
     if not 0 <= obj["umask"] <= 0o777:
         raise ProtocolError(E_BAD_REQUEST, "umask out of range")

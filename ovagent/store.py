@@ -162,13 +162,19 @@ class SqliteStore:
         try:
             yield self
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise _translate(self.path, exc) from None
+
+    def _rollback(self):
+        """Roll back unless SQLite already has: after some errors (a full disk at
+        COMMIT, for one) it ends the transaction itself, and ROLLBACK would fail."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     # -- vault-wide metadata -------------------------------------------------
 

@@ -85,6 +85,9 @@ class Notifier:
         self.notify("WATCHDOG=1")
 
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
 class Audit:
     """The audit trail: journald with structured fields, else one line on stderr.
 
@@ -103,7 +106,9 @@ class Audit:
         """Record one event; False if no sink (journal, then stderr) took it."""
         fields = {key.upper(): _field(value) for key, value in fields.items()
                   if value is not None}
-        if self._send is not None:
+        # sd_journal_send() silently drops a record when journald's socket is
+        # missing: then the journal is as unreachable as when it refuses us.
+        if self._send is not None and os.path.exists(JOURNAL_SOCKET):
             try:
                 self._send(MESSAGE=message, MESSAGE_ID=MESSAGE_IDS[kind],
                            PRIORITY=str(PRIORITY.get(kind, 6)),
@@ -127,8 +132,7 @@ def _field(value):
 
 
 def journal_available():
-    """Log to the journal when our stderr is connected to it, or when the
-    agent is detached and journald's socket exists."""
+    """Whether our stderr is connected to the journal (systemd's JOURNAL_STREAM)."""
     stream = os.environ.get("JOURNAL_STREAM", "")
     if stream:
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import leaks
 from conftest import DEMO_SECRETS, OV, SENTINEL
 from ovagent import protocol
 
@@ -149,6 +150,7 @@ def signed(key, challenge, op="status", **fields):
     req = protocol.new_request(op, challenge, **fields)
     if key is not None:
         req["mac"] = protocol.sign(protocol.mac_key(key), req)
+        leaks.watch.forbid("a request's MAC", req["mac"], per_test=True)
     return req
 
 
@@ -156,6 +158,7 @@ def answer(sock, timeout=5.0):
     """The agent's next frame, or "closed" when the connection ended without one."""
     try:
         frame, _ = protocol.recv_frame(sock, timeout=timeout)
+        leaks.watch.saw("a frame from the agent", json.dumps(frame))
         return frame
     except (EOFError, ConnectionResetError, BrokenPipeError):
         return "closed"
@@ -292,6 +295,7 @@ class AgentHarness:
                                     cwd=cwd or self.tmp, start_new_session=True)
         agent = Agent(self, proc, sock, pid_file, log, key)
         self.agents.append(agent)
+        leaks.watch.watch_file(f"the log of agent {log.name}", log)
         if wait and foreground:
             agent.wait_ready()
         return agent
@@ -321,6 +325,7 @@ class AgentHarness:
                                     start_new_session=True)
         agent = Agent(self, proc, sock, pid_path, log, key or self.demo.key)
         self.agents.append(agent)
+        leaks.watch.watch_file(f"the log of agent {log.name}", log)
 
         def listening():
             if proc.poll() is not None:

@@ -45,8 +45,10 @@ if [ "$which" = debian ] || [ "$which" = all ]; then
     fi
 fi
 if [ "$which" = pypi ] || [ "$which" = all ]; then
-    if [ ! -x .venv-pypi/bin/ov ]; then
-        $PY -m venv .venv-pypi
+    # (Re)install when the venv lacks ov or a test tool added since it was built.
+    if [ ! -x .venv-pypi/bin/ov ] ||
+            ! .venv-pypi/bin/python -c 'import atheris, hypothesis, pytest' 2>/dev/null; then
+        [ -x .venv-pypi/bin/python ] || $PY -m venv .venv-pypi
         .venv-pypi/bin/pip install -q --upgrade pip
         .venv-pypi/bin/pip install -q -e '.[test,fuzz]'
     fi

@@ -18,11 +18,19 @@ from pathlib import Path
 
 import pytest
 
+import leaks
+
 OV = str(Path(sys.executable).with_name("ov"))
 PASSWORD = "correct horse battery"
 SENTINEL = "SENTINEL-7f3c9a1e-do-not-leak"
 DEMO_SECRETS = {"DB_URL": "postgres://u:" + SENTINEL + "@db/app", "API_TOKEN": "tok-123",
                 "EMPTY": ""}
+
+
+leaks.watch.forbid("the master password", PASSWORD)
+leaks.watch.forbid("the sentinel value", SENTINEL)
+for _name, _value in DEMO_SECRETS.items():
+    leaks.watch.forbid(f"the value of secret {_name}", _value)
 
 
 def ov_env(home, vault):
@@ -50,6 +58,10 @@ class Ov:
             env=dict(self.env, **(env or {})), cwd=kwargs.pop("cwd", self.cwd),
             start_new_session=True,  # no controlling tty: prompts fail instead of hanging
             **kwargs)
+        where = f"the output of ov {' '.join(str(arg) for arg in args[:2])}"
+        leaks.watch.saw(where, result.stderr)
+        if args[:1] != ("run",):          # ov run's stdout is the command's
+            leaks.watch.saw(where, result.stdout)
         result.out = result.stdout.decode(errors="replace")
         result.err = result.stderr.decode(errors="replace")
         if check is not None:
@@ -86,7 +98,19 @@ def template_vault(tmp_path_factory):
            input=value, check=0)
     ov("auth", "derive-machine-key", "--out", str(base / "demo.kek"), "--app", "demo",
        *key, check=0)
+    for name in ("machine.kek", "demo.kek"):
+        leaks.watch.forbid_key(f"machine key {name}", (base / name).read_bytes())
     return base
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """The whole-suite sentinel (tests/leaks.py): after every test, no secret value,
+    password, machine key or MAC in any output the test saw."""
+    leaks.watch.begin()
+    yield
+    found = leaks.watch.found()
+    assert not found, "secret material leaked: " + "; ".join(found)
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """The man pages (man/*.rst, built with rst2man as debian/rules does) match --help:
 every option of every command appears in its page; every page renders with
 ``man --warnings`` without a warning; the exit codes are documented; the generated
-bash completion knows every command and option."""
+bash completion knows every command and option.  Every test that docs/security.rst's
+table of hostile inputs names exists."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -113,6 +115,33 @@ def test_exit_codes_are_documented(pages):
     for code in codes:
         assert re.search(rf"^(\.B )?{code}$", section, re.M), code
     assert "128+" in section
+
+
+def security_table_rows():
+    """(input, [(test file, test name)]) for each row of docs/security.rst's table."""
+    text = (REPO / "docs" / "security.rst").read_text()
+    table = text.split(".. list-table::", 1)[1]
+    rows = []
+    for row in re.split(r"^   \* - ", table, flags=re.M)[2:]:   # [0] options, [1] header
+        cells = re.split(r"^     - ", row, flags=re.M)
+        assert len(cells) == 3, row
+        rows.append((" ".join(cells[0].split()),
+                     re.findall(r"``tests/(test_\w+\.py)::(test_\w+)``", cells[2])))
+    return rows
+
+
+def test_every_row_of_the_security_table_names_tests_that_exist():
+    rows = security_table_rows()
+    assert len(rows) >= 30, len(rows)
+    defined = {}
+    for row, tests in rows:
+        assert tests, f"no test named for {row!r}"
+        for module, name in tests:
+            if module not in defined:
+                tree = ast.parse((REPO / "tests" / module).read_text())
+                defined[module] = {node.name for node in ast.walk(tree)
+                                   if isinstance(node, ast.FunctionDef)}
+            assert name in defined[module], f"{module}::{name} (for {row!r}) is not a test"
 
 
 def test_ov_agent_page_states_the_units_exposure():

@@ -132,9 +132,14 @@ def unit_output(box, unit, invocation=None):
 
 
 def journal_has_value(box):
-    """True if the secret value appears anywhere in the journal (it must not)."""
+    """True if a secret value or the machine key (raw or hex) appears anywhere in the
+    journal (it must not)."""
     export = box.run("journalctl", "--no-pager", "-o", "export").stdout
-    return VALUE.encode() in export or OTHER.encode() in export
+    key = box.run("cat", KEY, check=False).stdout
+    material = [VALUE.encode(), OTHER.encode()]
+    if len(key) == 32:
+        material += [key, key.hex().encode()]
+    return any(item in export for item in material)
 
 
 def agent_main_pid(box):

@@ -1,0 +1,357 @@
+"""Hostile inputs and faults not covered elsewhere (docs/security.rst has the whole
+table, row by row, with the test that shows each): framing tricks, JSON and MAC
+edge cases, replay after a restart, resource exhaustion, a full disk and an audit
+sink that is gone.  Real agents, real sockets, real ``ov`` processes."""
+
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
+from agent_fixtures import (DEMO_SECRETS, OV, SENTINEL, Session, frame_of, protocol, redact,
+                            signed, wait_for)
+from ovagent.agent import NonceCache
+from test_protocol import ask, outcome
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def key(demo):
+    return demo.key.read_bytes()
+
+
+def agent_cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def agent_rss_kib(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+
+# -- framing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [3, 8, 40], ids=["inside-header", "header-only",
+                                                  "inside-body"])
+def test_a_truncated_frame_is_a_bad_frame(agent, key, cut):
+    def build(challenge):
+        return protocol.encode_frame(signed(key, challenge))[:cut]
+    assert ask(agent, build) == "error:bad-frame"
+
+
+def test_pipelined_frames_serve_only_the_first(agent, key):
+    """Two signed requests in one write: the first is answered, the second never."""
+    with Session(agent.socket) as session:
+        first = protocol.encode_frame(signed(key, session.challenge))
+        second = protocol.encode_frame(signed(key, session.challenge))
+        session.send(first + second)
+        assert outcome(session.answer()) == "status"
+        assert session.answer() == "closed"
+
+
+def test_trailing_garbage_after_a_run_request_stops_the_command(agent, key, tmp_path):
+    """Bytes after a run request are read as the next frame: not a frame, so the
+    client counts as gone and its command is stopped, not left running unwatched."""
+    with Session(agent.socket) as session, open(os.devnull, "r+b") as null:
+        req = signed(key, session.challenge, "run", argv=["sleep", "30"])
+        session.send(protocol.encode_frame(req) + b"\x00garbage\xff" * 4,
+                     [null.fileno()] * 3)
+        assert outcome(session.answer()) == "started"
+        wait_for(lambda: "terminated after its client went away" in agent.log(),
+                 "the command to be stopped", timeout=10)
+
+
+# -- JSON and MAC edge cases -------------------------------------------------------------
+
+
+def test_deeply_nested_json_is_a_bad_frame(agent):
+    for body in (b"[" * 100_000, b'{"type":"request","x":' + b"[" * 50_000 + b"]" * 50_000
+                 + b"}"):
+        assert ask(agent, lambda c, body=body: frame_of(body)) == "error:bad-frame"
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.parametrize("environ", [{"A\u0000B": "c"}, {"": "c"}, {"A": "b\u0000c"}],
+                         ids=["nul-in-name", "empty-name", "nul-in-value"])
+def test_nul_or_empty_environment_names_are_refused(agent, key, environ):
+    assert ask(agent, lambda c: signed(key, c, environ=environ)) == "error:bad-request"
+
+
+@pytest.mark.parametrize("mac", ["ab", "0" * 63, "0" * 65, "é" * 64, "", "0" * 10_000],
+                         ids=["2-chars", "63-chars", "65-chars", "non-ascii", "empty",
+                              "10k-chars"])
+def test_macs_of_the_wrong_length_or_alphabet_are_auth_failures(agent, key, mac):
+    assert ask(agent, lambda c: dict(signed(key, c), mac=mac)) == "error:auth-failed"
+
+
+@pytest.mark.parametrize("field", ["app", "env", "cwd", "secrets", "argv", "environ"])
+def test_strings_no_encoding_can_carry_are_refused(agent, key, field):
+    """A lone surrogate (valid JSON, not UTF-8) would break the MAC's encoding or
+    exec(): refused as a bad request, never an internal error."""
+    bad = "/\ud800" if field == "cwd" else "\ud800"
+    value = {"secrets": [bad], "argv": [bad], "environ": {bad: "x"}}.get(field, bad)
+
+    def build(challenge):
+        req = dict(signed(key, challenge), **{field: value})
+        return frame_of(json.dumps(req).encode())
+    assert ask(agent, build) == "error:bad-request"
+
+
+def test_a_request_without_a_mac_field_is_refused(agent, key):
+    def build(challenge):
+        req = signed(key, challenge)
+        del req["mac"]
+        return req
+    assert ask(agent, build) == "error:bad-request"
+
+
+@pytest.mark.parametrize("field, value", [("ts", "1700000000"), ("argv", "true"),
+                                          ("environ", []), ("secrets", "A"),
+                                          ("umask", 18.0), ("app", 7)])
+def test_wrong_types_are_refused(agent, key, field, value):
+    def build(challenge):
+        req = signed(key, challenge)
+        req[field] = value
+        return req
+    assert ask(agent, build) in ("error:bad-request", "error:bad-frame")
+
+
+# -- freshness -----------------------------------------------------------------------
+
+
+def test_a_frame_replayed_to_a_restarted_agent_is_refused(agents, key):
+    agent = agents.start()
+    with Session(agent.socket) as session:
+        frame = protocol.encode_frame(signed(key, session.challenge))
+        session.send(frame)
+        assert outcome(session.answer()) == "status"
+    assert agent.terminate() == 0
+    again = agents.start(sock=agent.socket)
+    assert ask(again, lambda challenge: frame) == "error:auth-failed"
+    assert ask(again, lambda challenge: signed(key, challenge)) == "status"
+
+
+# -- peers -------------------------------------------------------------------------------
+
+
+def test_descriptors_sent_with_a_request_are_all_closed(agent, key, tmp_path):
+    """Descriptors that come with a status request, or the wrong number with a run
+    request, are refused and closed: the agent ends up holding none of them."""
+    mine = tmp_path / "passed-descriptor"
+    mine.touch()
+
+    def held():
+        count = 0
+        for fd in Path(f"/proc/{agent.pid}/fd").iterdir():
+            try:
+                count += os.readlink(fd) == str(mine)
+            except FileNotFoundError:     # closed while we looked
+                pass
+        return count
+    with open(mine, "r+b") as passed:
+        for op, count in (("status", 5), ("run", 2), ("run", 4)):
+            assert ask(agent, lambda c, op=op: signed(key, c, op),
+                       [passed.fileno()] * count) == "error:bad-request"
+    wait_for(lambda: held() == 0, "the agent to close every descriptor we passed")
+
+
+# -- resources --------------------------------------------------------------------------
+
+
+def test_more_connections_than_descriptors_neither_spins_nor_loses_the_listener(agents):
+    """RLIMIT_NOFILE 64 and 100 idle connections: accept() hits EMFILE; the agent
+    pauses the listener instead of spinning, keeps it, and serves again once the
+    connections are gone (the waiting ones from the backlog)."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    agent = agents.start(wrap=("prlimit", "--nofile=64:64", "--"))
+    sessions = []
+    try:
+        for _ in range(100):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            sock.connect(str(agent.socket))
+            sessions.append(sock)
+        time.sleep(0.5)
+        before = agent_cpu_seconds(agent.pid)
+        time.sleep(2.0)
+        spent = agent_cpu_seconds(agent.pid) - before
+        assert spent < 0.5, f"the agent used {spent:.2f} s of CPU in 2 s while out of fds"
+        assert agent.proc.poll() is None
+    finally:
+        for sock in sessions:
+            sock.close()
+    wait_for(lambda: agent.status().returncode == 0, "the agent to serve again",
+             timeout=protocol.FRAME_TIMEOUT + 5, interval=0.5)
+
+
+def test_many_long_running_children_all_report_their_status(agent):
+    clients = [agent.client("sh", "-c", f"sleep 6; exit {n % 7}") for n in range(40)]
+    wait_for(lambda: "running=40" in agent.status().out, "40 commands running at once",
+             interval=0.2)
+    for n, client in enumerate(clients):
+        assert client.wait(30) == n % 7
+    assert agent.proc.poll() is None
+
+
+def test_a_child_writing_a_gigabyte_costs_the_agent_no_memory(agent):
+    """The child writes straight into the client's stdout (passed as a descriptor):
+    not a byte goes through the agent."""
+    before = agent_rss_kib(agent.pid)
+    client = agent.client("head", "-c", str(1 << 30), "/dev/zero")
+    total = 0
+    while chunk := client.stdout.read(1 << 20):
+        total += len(chunk)
+    assert client.wait(60) == 0
+    assert total == 1 << 30
+    growth = agent_rss_kib(agent.pid) - before
+    assert growth < 4096, f"agent RSS grew {growth} KiB while a child wrote 1 GiB"
+
+
+# -- hardening ---------------------------------------------------------------------------
+
+
+def test_a_full_nonce_cache_refuses_instead_of_forgetting_live_nonces():
+    cache = NonceCache(capacity=3, ttl=0.2)
+    assert all(cache.add(nonce) for nonce in ("a", "b", "c"))
+    with pytest.raises(protocol.ProtocolError) as refused:
+        cache.add("d")
+    assert refused.value.code == protocol.E_BUSY
+    assert [cache.add(nonce) for nonce in ("a", "b", "c")] == [False] * 3
+    time.sleep(0.3)           # past the window: entries may go now, and only now
+    assert cache.add("d") and cache.add("a")
+
+
+@pytest.fixture
+def preload_vault(demo):
+    """The demo vault plus a secret named LD_PRELOAD (a library that does not exist:
+    if it were ever loaded, the loader would say so on stderr)."""
+    demo.ov("secret", "set", "LD_PRELOAD", "--app", "demo", "--machine-key",
+            str(demo.key), input="/nonexistent/ov-hook.so", check=0)
+    return demo
+
+
+@pytest.mark.parametrize("via_agent", [False, True], ids=["machine-key", "agent"])
+def test_loader_variables_are_injected_only_when_named(preload_vault, agents, tmp_path,
+                                                       via_agent, expect_error, digest):
+    demo, marker = preload_vault, tmp_path / "ran"
+    if via_agent:
+        agent = agents.start()
+        run = agent.run
+    else:
+        def run(*command, options=()):
+            return demo.ov("run", "--machine-key", str(demo.key), "--app", "demo",
+                           *options, "--", *command)
+    message = expect_error(run("touch", str(marker)), 2, "LD_PRELOAD", "--secrets")
+    assert not marker.exists(), message
+    result = run(sys.executable, "-c", "import os; print(os.environ['LD_PRELOAD'])",
+                 options=("--secrets", "LD_PRELOAD"))
+    assert result.returncode == 0, redact(result.err)
+    assert digest(result.out.strip()) == digest("/nonexistent/ov-hook.so")
+
+
+# -- store -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_fails_one_write_cleanly_and_loses_nothing(
+        demo, tmp_path, vault_dump, expect_error, env_digests, digest):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        vault = mount / "vault.db"
+        shutil.copy(demo.path, vault)
+        env = {"OV_VAULT": str(vault)}
+        before = vault_dump(vault)
+        filler = mount / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:       # ENOSPC: the disk is full
+            pass
+        finally:
+            os.close(fd)
+        value = os.urandom(24_000).hex()
+        message = expect_error(
+            demo.ov("secret", "set", "BIG", "--app", "demo", "--machine-key",
+                    str(demo.key), input=value, env=env), 1)
+        assert "full" in message or "space" in message, message
+        assert value not in message
+        filler.unlink()
+        assert vault_dump(vault) == before
+        seen = env_digests(demo.ov, "--machine-key", str(demo.key), "--app", "demo",
+                           env=env)
+        assert {name: seen[name] for name in DEMO_SECRETS} == {
+            name: digest(value) for name, value in DEMO_SECRETS.items()}
+        demo.ov("secret", "set", "BIG", "--app", "demo", "--machine-key", str(demo.key),
+                input="now it fits", env=env, check=0)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# -- audit -------------------------------------------------------------------------------
+
+AUDIT_SCRIPT = """
+import os, subprocess, sys, time
+r, w = os.pipe()
+st = os.fstat(w)
+env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+agent = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=w, stderr=w,
+                         env=env, start_new_session=True)
+os.close(w)
+seen = b""
+while b"]: ready: " not in seen:
+    chunk = os.read(r, 4096)
+    if not chunk:
+        sys.exit("agent exited before ready: " + seen.decode(errors="replace"))
+    seen += chunk
+os.close(r)           # from now on nothing can take an audit record
+print(agent.pid, flush=True)
+agent.wait()
+"""
+
+
+@pytest.mark.skipif(os.path.exists("/run/systemd/journal/socket"),
+                    reason="journald runs here: the journal sink would not fail")
+def test_with_no_audit_sink_nothing_runs(agents, demo, tmp_path):
+    """Fail-closed: the agent believes it logs to journald (JOURNAL_STREAM), journald
+    is unreachable and stderr is a broken pipe.  The 'accepted' record goes nowhere,
+    so the request is refused and the command never runs."""
+    sock = tmp_path / "r" / "audit.sock"
+    sock.parent.mkdir(mode=0o700)
+    marker = tmp_path / "ran"
+    wrapper = subprocess.Popen(
+        [sys.executable, "-c", AUDIT_SCRIPT, OV, "agent", "start", "--foreground",
+         "--machine-key", str(demo.key), "--socket", str(sock), "--app", "demo"],
+        stdout=subprocess.PIPE, text=True, env=agents.env, cwd=tmp_path)
+    try:
+        ready, _, _ = select.select([wrapper.stdout], [], [], 20)
+        assert ready, "the agent never said ready on stderr"
+        pid = int(wrapper.stdout.readline())
+        result = demo.ov("run", "--agent", "--socket", str(sock), "--machine-key",
+                         str(demo.key), "--", "touch", str(marker))
+        assert result.returncode == 6, redact(result.err)
+        assert "audit log unavailable" in result.err and "[internal]" in result.err
+        assert not marker.exists()
+        os.kill(pid, 0)       # and the agent is still up
+    finally:
+        wrapper.kill()
+        subprocess.run(["pkill", "-f", str(sock)], check=False)
+        wrapper.wait(10)
