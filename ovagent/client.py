@@ -3,14 +3,18 @@
 The client never starts an agent.  It checks who owns the socket, signs its request
 with the machine key it finds, hands over stdin/stdout/stderr, relays signals to the
 command and exits with the command's status (128+N for death by signal N).
-Imports stay minimal: this runs in front of every service start.
+Imports stay minimal: this runs in front of every service start.  Sockets and signals
+come from the C modules _socket and _signal: socket.py and signal.py only add enums
+(and selectors) on top, and their import costs more than the rest of a request
+(bench/: ``python -X importtime``).
 """
 
 import os
-import signal
-import socket
 import stat
 import sys
+
+import _signal
+import _socket
 
 from . import keyfile, protocol
 from .errors import EXIT_AGENT, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_USAGE, AgentError
@@ -71,7 +75,7 @@ def connect(path):
     if st.st_uid not in (os.geteuid(), 0):
         raise AgentError(f"agent socket {path} is owned by uid {st.st_uid}, "
                          "neither you nor root; refusing to talk to it")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
         sock.connect(path)
@@ -135,14 +139,15 @@ def _explain_unsigned(error, key):
 
 def status(socket_path, key):
     sock = connect(socket_path)
-    with sock:
-        try:
-            protocol.send_frame(sock, _signed(sock, "status", key))
-            return _expect(sock, "status")
-        except OSError as exc:
-            raise AgentError(f"lost the agent: {exc.strerror}") from None
-        except AgentError as exc:
-            raise _explain_unsigned(exc, key) from None
+    try:
+        protocol.send_frame(sock, _signed(sock, "status", key))
+        return _expect(sock, "status")
+    except OSError as exc:
+        raise AgentError(f"lost the agent: {exc.strerror}") from None
+    except AgentError as exc:
+        raise _explain_unsigned(exc, key) from None
+    finally:
+        sock.close()
 
 
 def run(argv, *, socket_path, key, app, env, secrets):
@@ -168,12 +173,12 @@ def _catch_signals():
     """Catch the relayed signals before the request goes out: the command may run
     before 'started' reaches us, and a signal then must be relayed to it, not kill
     us (which would only get the command a SIGTERM).  Returns the wake-up pair."""
-    wake_r, wake_w = socket.socketpair()
+    wake_r, wake_w = _socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    _signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     for name in protocol.RELAYED_SIGNALS:
-        signal.signal(getattr(signal, name), lambda *_: None)
+        _signal.signal(getattr(_signal, name), lambda *_: None)
     return wake_r, wake_w
 
 

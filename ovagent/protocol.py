@@ -18,8 +18,10 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import time
+
+# The C module, not socket.py: its enums and selectors cost the client's start (client.py)
+from _socket import CMSG_SPACE, MSG_CMSG_CLOEXEC, SCM_RIGHTS, SOL_SOCKET
 
 from . import canonical
 
@@ -76,7 +78,7 @@ def encode_frame(obj):
 def send_frame(sock, obj, fds=()):
     data = encode_frame(obj)
     if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        ancillary = [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds))]
         sent = sock.sendmsg([data], ancillary)
         data = data[sent:]
     if data:
@@ -94,12 +96,11 @@ def _recv_exact(sock, count, deadline, want_fds=False):
         try:
             if want_fds:
                 data, ancdata, _, _ = sock.recvmsg(
-                    count - have, socket.CMSG_SPACE(MAX_FDS * 4 + 4),
-                    getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+                    count - have, CMSG_SPACE(MAX_FDS * 4 + 4), MSG_CMSG_CLOEXEC)
                 fds += _fds_from(ancdata)
             else:
                 data = sock.recv(count - have)
-        except socket.timeout:
+        except TimeoutError:
             raise ProtocolError(E_TIMEOUT, "timed out reading a frame") from None
         if not data:
             _close_all(fds)
@@ -114,7 +115,7 @@ def _recv_exact(sock, count, deadline, want_fds=False):
 def _fds_from(ancdata):
     fds = []
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
             received = array.array("i")
             received.frombytes(data[:len(data) - len(data) % received.itemsize])
             fds += list(received)

@@ -1,10 +1,13 @@
 """The ``ov run --agent`` fast path parses with getopt instead of the full CLI's
 argparse: it must never read a command line differently.  Whenever it answers at
 all, its answer must be exactly what the full CLI (argh over argparse) makes of
-the same arguments; otherwise it must hand over to the full CLI."""
+the same arguments; otherwise it must hand over to the full CLI.  And it imports
+only what it uses."""
 
 import contextlib
 import io
+import subprocess
+import sys
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -71,3 +74,27 @@ def test_help_and_errors_go_to_the_full_cli():
                  ["run", "--agent"], ["run", "--agent", "--bogus", "--", "x"],
                  ["run", "--agent", "--app", "--", "x"], ["run", "--", "x"]):
         assert _fast_run_options(argv) is None
+
+
+LEAN_CLIENT = """
+import sys
+from ovagent.entry import main
+try:
+    main(["run", "--agent", "--socket", sys.argv[1], "--", "true"])
+except SystemExit as exc:
+    assert exc.code == 6, exc.code          # no agent there
+heavy = {"argparse", "argh", "cryptography", "socket", "signal", "selectors", "sqlite3",
+         "ovagent.vault", "ovagent.cli"} & set(sys.modules)
+print(sorted(heavy), "_hashlib" in sys.modules and sys.modules["_hashlib"] is not None)
+"""
+
+
+def test_ov_run_agent_imports_only_what_it_uses(tmp_path):
+    """The client path's import diet (bench/ measures what each module costs):
+    no argparse/argh, no crypto library, no vault, no socket.py or signal.py, and
+    no OpenSSL when the interpreter has SHA-256 built in."""
+    result = subprocess.run([sys.executable, "-c", LEAN_CLIENT, str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    openssl_expected = not {"_sha256", "_sha2"} & set(sys.builtin_module_names)
+    assert result.stdout.split() == ["[]", str(openssl_expected)], result.stdout
