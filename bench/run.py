@@ -1039,17 +1039,18 @@ def run_profiles(b):
     out = []
     proc, sock = b.start_agent("profile", b.vaults[10])
     gen = LoadGenerator(b, sock)
-    gen.run(8, count=200)
+    n = b.args.profile_clients
+    stacks = b.tmp / f"agent-n{n}.txt"
+    gen.run(n, count=200)
     cpu0 = proc_cpu(proc.pid)
-    log(f"profile: agent under load N=8 for {seconds}s")
-    res = pyspy_profile(b, proc.pid, seconds,
-                        lambda: gen.run(8, duration=seconds), b.tmp / "agent-n8.txt")
+    log(f"profile: agent under load N={n} for {seconds}s")
+    res = pyspy_profile(b, proc.pid, seconds, lambda: gen.run(n, duration=seconds), stacks)
     cpu1 = proc_cpu(proc.pid)
     per_request = (cpu1[0] - cpu0[0]) / res["completed"]
-    out.append(f"== agent under load: N=8, /bin/true, all 10 secrets: {res['completed']} "
+    out.append(f"== agent under load: N={n}, /bin/true, all 10 secrets: {res['completed']} "
                f"requests, {per_request * 1e3:.3f} ms agent CPU per request (while "
                "sampled) ==")
-    out.append(summarize_collapsed(b.tmp / "agent-n8.txt", cpu_per_request=per_request))
+    out.append(summarize_collapsed(stacks, cpu_per_request=per_request))
     b.stop_agent(proc)
     big = max(b.vaults)
     if big > 10:
@@ -1068,7 +1069,7 @@ def run_profiles(b):
     if shutil.which("strace"):
         out.append("")
         out.append(strace_profile(b))
-    for d in ("agent-n8.txt", "agent-all.txt"):
+    for d in (stacks.name, "agent-all.txt"):
         if b.args.profile_out and (b.tmp / d).exists():
             Path(b.args.profile_out).mkdir(parents=True, exist_ok=True)
             shutil.copy2(b.tmp / d, Path(b.args.profile_out) / d)
@@ -1134,6 +1135,9 @@ def main():
                              "load and python -X importtime of the clients")
     parser.add_argument("--profile-out", metavar="DIR",
                         help="with --profile: keep the raw collapsed stacks here")
+    parser.add_argument("--profile-clients", type=int, default=32, metavar="N",
+                        help="with --profile: concurrent connections while the agent "
+                             "is sampled (default 32, as the p99 target)")
     parser.add_argument("--native", action="store_true",
                         help="with --profile: py-spy --native (C frames; pauses the "
                              "agent at each sample instead of --nonblocking)")
