@@ -144,6 +144,18 @@ def test_every_row_of_the_security_table_names_tests_that_exist():
             assert name in defined[module], f"{module}::{name} (for {row!r}) is not a test"
 
 
+@pytest.mark.parametrize("doc", ["README.rst", "docs/protocol.rst", "docs/security.rst",
+                                 "bench/README.rst"])
+def test_documents_render_without_warnings(doc):
+    rst2pseudoxml = which("rst2pseudoxml")
+    if rst2pseudoxml is None:
+        pytest.skip("rst2pseudoxml missing (Debian package python3-docutils)")
+    result = subprocess.run([rst2pseudoxml, "--report=2", "--halt=5", str(REPO / doc),
+                             "/dev/null"], capture_output=True, text=True, timeout=60,
+                            env=system_env())
+    assert result.returncode == 0 and not result.stderr, result.stderr
+
+
 def test_ov_agent_page_states_the_units_exposure():
     claim = exposure_claim((UNITS / "ov-agent.service").read_text())
     text = " ".join((MAN / "ov-agent.8.rst").read_text().split())
