@@ -252,7 +252,7 @@ class Agent:
             conn, peer = self._connections.get()
             try:
                 self._handle(conn, peer)
-            except Exception:  # noqa: BLE001 - a dead worker counted idle hangs clients
+            except Exception:  # a dead worker, still counted idle, would hang clients
                 conn.close()
             finally:
                 self._handled(idle_worker=True)

@@ -30,7 +30,7 @@ from conftest import DEMO_SECRETS, OV, SENTINEL
 from ovagent import protocol
 
 
-__all__ = ["agent", "agents"]   # the fixtures; helpers are imported by name
+__all__ = ["agent", "agents", "key"]   # the fixtures; helpers are imported by name
 
 SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
 SETPRIV = shutil.which("setpriv")
@@ -77,6 +77,16 @@ def wait_for(predicate, what, timeout=WAIT, interval=0.01):
         time.sleep(interval)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state first), or None
+    when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def pid_gone(pid, zombie_ok=False):
     """True once pid no longer exists.  A zombie counts as present unless zombie_ok
     (an agent must reap its commands; a detached agent is reaped by init)."""
@@ -85,11 +95,8 @@ def pid_gone(pid, zombie_ok=False):
     except ProcessLookupError:
         return True
     if zombie_ok:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-                return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            return True
+        fields = proc_stat(pid)
+        return fields is None or fields[0] == "Z"
     return False
 
 
@@ -97,12 +104,8 @@ def group_gone(pgid):
     """True once no live process is left in process group pgid.  Zombies do not
     count: orphans are reaped by init, which may take its time (seconds, here)."""
     for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = proc_stat(entry) if entry.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
             return False
     return True
 
@@ -384,11 +387,8 @@ class AgentHarness:
 
 def _start_time(pid):
     """A process's start time (clock ticks since boot): tells it from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return fields[19] if fields else None
 
 
 @pytest.fixture
@@ -398,6 +398,12 @@ def agents(demo, tmp_path):
         yield harness
     finally:
         harness.cleanup()
+
+
+@pytest.fixture
+def key(demo):
+    """The demo vault's unscoped machine key, as bytes (to sign requests by hand)."""
+    return demo.key.read_bytes()
 
 
 @pytest.fixture

@@ -11,29 +11,24 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
-from agent_fixtures import (DEMO_SECRETS, OV, SENTINEL, Session, frame_of, protocol, redact,
-                            signed, wait_for)
+from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent, key)
+from agent_fixtures import (DEMO_SECRETS, OV, Session, frame_of, proc_stat,
+                            protocol, redact, signed, wait_for)
 from ovagent.agent import NonceCache
+from ovagent.systemd_glue import JOURNAL_SOCKET
 from test_protocol import ask, outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture
-def key(demo):
-    return demo.key.read_bytes()
-
-
 def agent_cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -109,6 +104,26 @@ def test_strings_no_encoding_can_carry_are_refused(agent, key, field):
         req = dict(signed(key, challenge), **{field: value})
         return frame_of(json.dumps(req).encode())
     assert ask(agent, build) == "error:bad-request"
+
+
+HUGE = "x" * 900_000      # a frame still fits in MAX_FRAME; a refusal quoting it would not
+# Two keys must fit in one frame: 4 bytes of UTF-8 each in, a 12-byte JSON escape out.
+WIDE = "\U0001F600" * 120_000
+
+
+@pytest.mark.parametrize("edit, code", [
+    (lambda req: dict(req, op=HUGE), "bad-request"),
+    (lambda req: dict(req, **{HUGE: 1}), "bad-request"),
+    (lambda req: frame_of(json.dumps(req).encode()[:-1] + f',"{WIDE}":1,"{WIDE}":2}}'
+                          .encode()), "bad-frame"),
+], ids=["unknown-op", "unknown-field", "duplicate-key"])
+def test_refusals_quote_huge_input_only_in_short_excerpts(agent, key, edit, code):
+    """The refusal must still be sendable (and not flood the audit log); a refusal
+    too large to send once killed its worker thread and hung the next client."""
+    result, reply = ask(agent, lambda c: edit(signed(key, c)), reply=True)
+    assert result == f"error:{code}", result
+    assert len(reply["message"]) < 200, len(reply["message"])
+    assert ask(agent, lambda c: signed(key, c)) == "status"
 
 
 def test_a_request_without_a_mac_field_is_refused(agent, key):
@@ -309,7 +324,7 @@ def test_a_full_disk_fails_one_write_cleanly_and_loses_nothing(
 # -- audit -------------------------------------------------------------------------------
 
 AUDIT_SCRIPT = """
-import os, subprocess, sys, time
+import os, subprocess, sys
 r, w = os.pipe()
 st = os.fstat(w)
 env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
@@ -328,7 +343,7 @@ agent.wait()
 """
 
 
-@pytest.mark.skipif(os.path.exists("/run/systemd/journal/socket"),
+@pytest.mark.skipif(os.path.exists(JOURNAL_SOCKET),
                     reason="journald runs here: the journal sink would not fail")
 def test_with_no_audit_sink_nothing_runs(agents, demo, tmp_path):
     """Fail-closed: the agent believes it logs to journald (JOURNAL_STREAM), journald

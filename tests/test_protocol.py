@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
+from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent, key)
 from agent_fixtures import (DEMO_SECRETS, OV, SENTINEL, SETPRIV, RecordingProxy, Session,
                             frame_of, needs_setpriv, protocol, redact, sha256, signed,
                             wait_for, wrong_key)
@@ -45,11 +45,6 @@ def ask(agent, build, fds=(), reply=False):
             pass
         answer = session.answer()
         return (outcome(answer), answer) if reply else outcome(answer)
-
-
-@pytest.fixture
-def key(demo):
-    return demo.key.read_bytes()
 
 
 @pytest.fixture
