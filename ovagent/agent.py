@@ -1,28 +1,33 @@
-"""``ov agent``: the daemon that holds the machine key and runs commands with secrets.
+"""``ov agent``: the daemon that holds the machine key and serves requests for secrets.
 
 One worker thread per connection (at most --max-clients; idle workers are reused);
-the main thread accepts, checks SO_PEERCRED before reading a byte, feeds the systemd
-watchdog and handles signals.  A connection carries exactly one request: the agent sends a fresh
-challenge, verifies the signed request (docs/protocol.rst), decrypts only the
-requested secrets, spawns the command with the client's fds, cwd, umask and
-environment plus the secrets (never the agent's own environment), relays signals
-and reports the exit status.  If the client vanishes, the command's process group
-gets SIGTERM, then SIGKILL after a grace period.
+the main thread accepts, checks SO_PEERCRED and takes a pidfd before reading a byte,
+feeds the systemd watchdog and handles signals.  A connection carries exactly one
+request: the agent sends a fresh challenge and verifies the signed request
+(docs/protocol.rst).  For ``release`` (``ov run --agent``) it decrypts only the
+requested secrets and answers with them sealed to that request; the client execs the
+command in its own world.  For ``spawn`` (``--spawn``) it first checks that the
+caller lives in the agent's own world (ovagent/peer.py), then starts the command in
+a new session with the client's fds, cwd, umask and environment plus the secrets
+(never the agent's own environment), relays signals and reports the exit status; if
+the client vanishes, the command's process group gets SIGTERM, then SIGKILL after a
+grace period.
 """
 
+import binascii
 import hmac
 import os
 import queue
+import resource
 import select
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
 
-from . import __version__, protocol
+from . import __version__, peer as peers, protocol, seal
 from .errors import NotFoundError, OvError, UsageError
 from .protocol import ProtocolError
 from .systemd_glue import Audit, Notifier, process_cgroups
@@ -32,24 +37,29 @@ DEFAULT_GRACE = 5.0           # seconds between SIGTERM and SIGKILL of an orphan
 DEFAULT_DRAIN = 30.0          # seconds SIGTERM waits for running requests
 NONCE_CAPACITY = 100_000
 ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
+UNSIGNED_RELEASE = ("an unsigned request cannot have secrets released: they are sealed "
+                    "to the machine key that signs the request (an agent unlocked with "
+                    "the master password serves only 'ov run --agent --spawn')")
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified, hybrid
 
 
-def _enter_cgroup(fd):
-    """preexec_fn: the child writes "0" (itself) to the caller's cgroup.procs before
-    exec, so neither the command nor anything it forks ever runs in the agent's
-    cgroup (where a restart of the agent would kill it, and where journald would
-    file its output under the agent's unit).  The fd was opened by the root agent:
-    cgroup2 checks the opener's credentials (Linux >= 5.16), so this works after
-    the switch to the caller's uid.  Only a system call: safe in a threaded parent."""
+def _in_callers_place(cgroup_fd, core_limit):
+    """preexec_fn of a spawned command.  It writes "0" (itself) to the caller's
+    cgroup.procs before exec, so neither the command nor anything it forks ever runs
+    in the agent's cgroup when the kernel lets it move (a restart of the agent would
+    kill it there, and journald would file its output under the agent's unit); and
+    it takes back the caller's soft core limit, which the agent lowers for itself.
+    Only system calls: safe in a threaded parent."""
 
     def enter():
-        try:
-            os.write(fd, b"0")
-        except OSError:
-            pass   # the agent moves the process after the spawn instead
+        if cgroup_fd is not None:
+            try:
+                os.write(cgroup_fd, b"0")
+            except OSError:
+                pass   # not allowed: the command stays in the agent's cgroup
+        resource.setrlimit(resource.RLIMIT_CORE,
+                           (core_limit, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
     return enter
 
@@ -77,25 +87,6 @@ class NonceCache:
                     raise ProtocolError(protocol.E_BUSY, "replay cache is full; retry")
             self._seen[nonce] = now + self.ttl
             return True
-
-
-class Peer:
-    def __init__(self, conn):
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                struct.calcsize("3i"))
-        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        self.unit, self.cgroup = process_cgroups(self.pid)
-        self._conn = conn
-
-    def groups(self):
-        """Supplementary groups at connect time (SO_PEERGROUPS)."""
-        size = 4 * 256
-        raw = self._conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        return list(struct.unpack(f"{len(raw) // 4}I", raw))
-
-    def fields(self):
-        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid,
-                "peer_unit": self.unit}
 
 
 class KeyState:
@@ -126,18 +117,21 @@ class KeyState:
 
 class Agent:
     def __init__(self, listener, keys, *, default_app=None, max_clients=DEFAULT_MAX_CLIENTS,
-                 grace=DEFAULT_GRACE, drain=DEFAULT_DRAIN, audit=None, notifier=None):
+                 grace=DEFAULT_GRACE, drain=DEFAULT_DRAIN, all_users=False, audit=None,
+                 notifier=None):
         self.listener = listener
         self.keys = keys
         self.default_app = default_app or keys.scope or "default"
         self.max_clients, self.grace, self.drain = max_clients, grace, drain
+        self.all_users = all_users   # else only our own uid and root
         self.audit = audit or Audit()
         self.notifier = notifier or Notifier()
         self.uid = os.geteuid()
         self._own_cgroup = process_cgroups(os.getpid())[1]
         self.started = time.monotonic()
         self.nonces = NonceCache()
-        self.counters = {"accepted": 0, "denied": 0, "running": 0, "busy": 0}
+        self.counters = {"released": 0, "accepted": 0, "denied": 0, "running": 0,
+                         "busy": 0}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)   # notified when a handler ends
         self._active = 0          # connections being handled (bounded by max_clients)
@@ -213,13 +207,14 @@ class Agent:
             raise
         conn.setblocking(True)
         try:
-            peer = Peer(conn)  # SO_PEERCRED before reading any byte
+            peer = peers.Peer(conn)  # SO_PEERCRED and a pidfd before reading any byte
         except OSError:
             conn.close()
             return True
-        if self.uid != 0 and peer.uid not in (self.uid, 0):
+        if not self.all_users and peer.uid not in (self.uid, 0):
             self._refuse(conn, peer, protocol.E_PEER,
                          f"uid {peer.uid} may not use this agent (it serves uid {self.uid})")
+            peer.close()
             return True
         with self._lock:
             busy = self._active >= self.max_clients
@@ -233,6 +228,7 @@ class Agent:
         if busy:
             self._refuse(conn, peer, protocol.E_BUSY,
                          f"agent busy: {self.max_clients} requests already running")
+            peer.close()
             return True
         if not reuse:
             try:
@@ -240,6 +236,7 @@ class Agent:
             except RuntimeError:
                 self._handled()
                 self._refuse(conn, peer, protocol.E_BUSY, "agent cannot start a thread")
+                peer.close()
                 return True
         self._connections.put((conn, peer))
         return True
@@ -255,6 +252,7 @@ class Agent:
             except Exception:  # a dead worker, still counted idle, would hang clients
                 conn.close()
             finally:
+                peer.close()
                 self._handled(idle_worker=True)
 
     def _handled(self, idle_worker=False):
@@ -264,14 +262,16 @@ class Agent:
                 self._idle_workers += 1
             self._idle.notify_all()
 
-    def _refuse(self, conn, peer, code, message, **fields):
+    def _refuse(self, conn, peer, code, message, exit_status=None, **fields):
+        """Answer with an error, record the denial, and close the connection (and, for
+        a peer that never reached a worker, its pidfd)."""
         with self._lock:
             self.counters["denied"] += 1
         self.audit.event("denied", f"request denied: {message}", code=code, reason=message,
                          **peer.fields(), **fields)
         try:
             conn.settimeout(1.0)
-            protocol.send_frame(conn, protocol.error_frame(code, message))
+            protocol.send_frame(conn, protocol.error_frame(code, message, exit_status))
         except (OSError, ProtocolError):   # gone, or a message too large to send
             pass
         finally:
@@ -298,27 +298,31 @@ class Agent:
                                        "agent": f"ov-agent {__version__}",
                                        "challenge": challenge})
             obj, fds = protocol.recv_frame(conn, want_fds=True)
-            req = self._authenticate(obj, challenge, peer)
-            if req["op"] == "status":
-                self._close_fds(fds)
-                protocol.send_frame(conn, self.status())
+            req, subkey = self._authenticate(obj, challenge, peer)
+            if req["op"] == "spawn":
+                self._spawn(conn, peer, req, fds, request_id)
                 return
-            self._run(conn, peer, req, fds, request_id)
+            if fds:
+                raise ProtocolError(protocol.E_BAD_REQUEST,
+                                    f"a {req['op']} request carries no descriptors")
+            if req["op"] == "status":
+                protocol.send_frame(conn, self.status())
+            else:
+                self._release(conn, peer, req, subkey, request_id)
         except ProtocolError as exc:
-            self._close_fds(fds)
-            self._refuse(conn, peer, exc.code, str(exc), request_id=request_id)
+            self._refuse(conn, peer, exc.code, str(exc), exc.exit_status,
+                         request_id=request_id)
         except EOFError:
             pass
         except OSError:
             pass  # the client went away mid-handshake
         except OvError as exc:
-            self._close_fds(fds)
             self._refuse(conn, peer, protocol.E_INTERNAL, str(exc), request_id=request_id)
         except Exception as exc:  # never let one request take the agent down
-            self._close_fds(fds)
             self._refuse(conn, peer, protocol.E_INTERNAL,
                          f"internal error ({type(exc).__name__})", request_id=request_id)
         finally:
+            self._close_fds(fds)
             conn.close()
 
     @staticmethod
@@ -331,28 +335,32 @@ class Agent:
         fds.clear()
 
     def _authenticate(self, obj, challenge, peer):
-        """Schema, challenge, MAC, clock window, nonce: in that order."""
+        """Schema, challenge, MAC, clock window, nonce: in that order.  Returns the
+        request and the MAC subkey that verified it (None: unsigned)."""
         req = protocol.validate_request(obj)
         if self.keys.vault is None:
             raise ProtocolError(protocol.E_UNCONFIGURED, self.keys.reason)
-        app = req["app"] or self.default_app
         auth_failed = ProtocolError(protocol.E_AUTH, "request authentication failed")
         if not hmac.compare_digest(req["challenge"], challenge):
             raise auth_failed
+        subkey = None
         if req["mac"] is None:
+            if req["op"] == "release":
+                raise ProtocolError(protocol.E_AUTH, UNSIGNED_RELEASE)
             if not (self.keys.mode == "interactive" and peer.uid == self.uid):
                 raise auth_failed
         else:
             with self.keys.lock:
-                subkeys = self.keys.subkeys_for(app)
-            if not any([protocol.mac_matches(k, req) for k in subkeys]):
+                subkeys = self.keys.subkeys_for(req.get("app") or self.default_app)
+            subkey = next((k for k in subkeys if protocol.mac_matches(k, req)), None)
+            if subkey is None:
                 raise auth_failed
         if abs(time.time() - req["ts"]) > protocol.CLOCK_WINDOW:
             raise ProtocolError(protocol.E_STALE, "request timestamp outside the "
                                 f"+-{protocol.CLOCK_WINDOW} s window (check the clock)")
         if not self.nonces.add(req["nonce"]):
             raise ProtocolError(protocol.E_REPLAY, "request was already used")
-        return req
+        return req, subkey
 
     def status(self):
         with self._lock:
@@ -362,16 +370,13 @@ class Agent:
                 "scope": self.keys.scope or "all apps", "default_app": self.default_app,
                 "counters": counters}
 
-    def _run(self, conn, peer, req, fds, request_id):
+    def _reveal(self, req):
+        """(app, env, name -> (version, value)) of a release or spawn request."""
         app, env = req["app"] or self.default_app, req["env"] or "production"
-        fields = dict(request_id=request_id, op="run", app=app, env=env,
-                      argv0=req["argv"][0], **peer.fields())
-        if len(fds) != 3:
-            raise ProtocolError(protocol.E_BAD_REQUEST,
-                                "a run request must carry stdin, stdout and stderr")
         try:
             with self.keys.lock:
-                values = self.keys.vault.reveal(self.keys.keyring, app, env, req["secrets"])
+                return app, env, self.keys.vault.reveal_versions(
+                    self.keys.keyring, app, env, req["secrets"])
         except NotFoundError as exc:
             raise ProtocolError(protocol.E_NOT_FOUND, str(exc)) from None
         except UsageError as exc:
@@ -379,33 +384,79 @@ class Agent:
         except OvError as exc:
             raise ProtocolError(protocol.E_AUTH if exc.exit_code == 4 else
                                 protocol.E_INTERNAL, str(exc)) from None
-        fields["secrets"] = sorted(values)
-        if not self.audit.event("accepted", f"running {req['argv'][0]} for uid "
-                                f"{peer.uid}", **fields):
+
+    def _record(self, kind, message, **fields):
+        """An audit record that must be written before anything is released or run."""
+        if not self.audit.event(kind, message, **fields):
             raise ProtocolError(protocol.E_INTERNAL, "audit log unavailable; refusing "
-                                "to run anything unaudited")
+                                "to release or run anything unaudited")
+
+    def _release(self, conn, peer, req, subkey, request_id):
+        """Answer with the requested secrets sealed to this request: the client execs
+        the command in its own world."""
+        app, env, revealed = self._reveal(req)
+        plaintext = seal.encode_secrets({name: value for name, (_, value)
+                                         in revealed.items()})
+        sealed = seal.seal(subkey, req, plaintext)
+        frame = protocol.encode_frame({
+            "type": "released", "request_id": request_id,
+            "sealed": binascii.b2a_base64(sealed, newline=False).decode("ascii")})
+        names = sorted(revealed)
+        self._record("released", f"released {len(names)} secret(s) of {app}/{env} to "
+                     f"uid {peer.uid} for {req['argv0']}", request_id=request_id,
+                     app=app, env=env, secrets=names,
+                     versions=[f"{name}={revealed[name][0]}" for name in names],
+                     command=req["argv0"], **peer.fields())
+        revealed.clear()
+        conn.sendall(frame)
+        with self._lock:
+            self.counters["released"] += 1
+
+    def _check_world(self, peer):
+        """--spawn only where the command runs as the caller's own process would: the
+        same uid and the same world (namespaces, root, credentials, limits...)."""
+        drop = "; drop --spawn to run the command in your own world"
+        if peer.uid != self.uid:
+            raise ProtocolError(protocol.E_SPAWN_REFUSED, f"--spawn: you run as uid "
+                                f"{peer.uid}, the agent as uid {self.uid}{drop}")
+        theirs = peer.world()
+        if theirs is None:
+            raise ProtocolError(protocol.E_SPAWN_REFUSED, "--spawn: the agent cannot "
+                                f"inspect your process (pid {peer.pid}){drop}")
+        different = peers.differences(peers.world(os.getpid()), theirs)
+        if different:
+            raise ProtocolError(protocol.E_SPAWN_REFUSED, "--spawn: your process and "
+                                f"the agent differ in: {', '.join(different)}{drop}")
+        return theirs
+
+    def _spawn(self, conn, peer, req, fds, request_id):
+        world = self._check_world(peer)
+        if len(fds) != 3:
+            raise ProtocolError(protocol.E_BAD_REQUEST,
+                                "a spawn request must carry stdin, stdout and stderr")
+        app, env, revealed = self._reveal(req)
+        fields = dict(request_id=request_id, op="spawn", app=app, env=env,
+                      command=req["argv"][0], secrets=sorted(revealed), **peer.fields())
+        self._record("accepted", f"running {req['argv'][0]} for uid {peer.uid}", **fields)
         environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
-        environ.update({name.encode(): value for name, value in values.items()})
-        del values
-        cgroup_procs = self._caller_cgroup_procs(peer)
-        cgroup_fd = self._open_cgroup_procs(cgroup_procs)
+        environ.update({name.encode(): value for name, (_, value) in revealed.items()})
+        revealed.clear()
+        cgroup_fd = self._open_cgroup_procs(self._caller_cgroup_procs(peer))
         try:
             child = subprocess.Popen(
                 [os.fsencode(arg) for arg in req["argv"]], stdin=fds[0], stdout=fds[1],
                 stderr=fds[2], cwd=os.fsencode(req["cwd"]), env=environ,
-                umask=req["umask"], process_group=0, close_fds=True,
-                preexec_fn=None if cgroup_fd is None else _enter_cgroup(cgroup_fd),
-                **self._identity(peer))
+                umask=req["umask"], start_new_session=True, close_fds=True,
+                preexec_fn=_in_callers_place(cgroup_fd, peers.core_soft_limit(world)))
         except OSError as exc:
             status = 127 if isinstance(exc, FileNotFoundError) else 126
-            raise ProtocolError(protocol.E_EXEC, f"{req['argv'][0]}: {exc.strerror}"
-                                f" (exit {status})") from None
+            raise ProtocolError(protocol.E_EXEC, f"{req['argv'][0]}: {exc.strerror}",
+                                exit_status=status) from None
         finally:
             environ.clear()
             self._close_fds(fds)
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
-        self._join_caller_cgroup(child.pid, cgroup_procs)
         with self._lock:
             self.counters["accepted"] += 1
             self.counters["running"] += 1
@@ -423,16 +474,10 @@ class Agent:
                          child_pid=child.pid, exit_status=child.returncode, outcome=result,
                          **fields)
 
-    def _identity(self, peer):
-        """A root agent runs the command as the caller, never with more privilege."""
-        if self.uid != 0 or peer.uid == 0:
-            return {}
-        return {"user": peer.uid, "group": peer.gid, "extra_groups": peer.groups()}
-
     def _caller_cgroup_procs(self, peer):
         """The cgroup.procs files (one per candidate mount) of the caller's cgroup2
-        group, when a root agent should move the command there; else []."""
-        if self.uid != 0 or not peer.cgroup or peer.cgroup == self._own_cgroup:
+        group, when the command should move there; else []."""
+        if not peer.cgroup or peer.cgroup == self._own_cgroup:
             return []
         return [os.path.join(root, peer.cgroup.lstrip("/"), "cgroup.procs")
                 for root in CGROUP_ROOTS]
@@ -440,27 +485,13 @@ class Agent:
     @staticmethod
     def _open_cgroup_procs(candidates):
         """The first of the caller's cgroup.procs files that opens for writing, so the
-        child enters it before exec (see _enter_cgroup); None if none does."""
+        child enters it before exec (see _in_callers_place); None if none does."""
         for procs in candidates:
             try:
                 return os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
             except OSError:
                 continue
         return None
-
-    @staticmethod
-    def _join_caller_cgroup(pid, candidates):
-        """On cgroup2 a root agent moves the command into the caller's cgroup, so it
-        belongs to the caller's unit (stopped with it, kept across agent restarts).
-        Normally the child already moved itself before exec (_enter_cgroup); this
-        is the fallback for kernels that check the writer's credentials."""
-        for procs in candidates:
-            try:
-                with open(procs, "w") as handle:
-                    handle.write(str(pid))
-                return
-            except OSError:
-                continue
 
     def _supervise(self, conn, child):
         """Relay signals until the child exits; kill its group if the client leaves.

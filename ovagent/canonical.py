@@ -21,3 +21,21 @@ def encode(*fields):
         out += len(data).to_bytes(4, "big")
         out += data
     return bytes(out)
+
+
+def decode(data, count=None):
+    """The byte fields of encode()'s output; ValueError unless *data* is exactly a
+    sequence of well-formed fields (and *count* of them, when given)."""
+    fields, position = [], 0
+    while position < len(data):
+        if len(data) - position < 4:
+            raise ValueError("truncated length prefix")
+        size = int.from_bytes(data[position:position + 4], "big")
+        position += 4
+        if size > len(data) - position:
+            raise ValueError("field runs past the end")
+        fields.append(bytes(data[position:position + size]))
+        position += size
+    if count is not None and len(fields) != count:
+        raise ValueError(f"{len(fields)} fields, expected {count}")
+    return fields

@@ -323,13 +323,15 @@ def _declare(arguments):
 
 
 @_declare(entry.RUN_ARGUMENTS)
-def run(*command, agent=False, socket=None, machine_key=None, app=None, env=None,
-        secrets=None, vault=None):
+def run(*command, agent=False, spawn=False, socket=None, machine_key=None, app=None,
+        env=None, secrets=None, vault=None):
     if agent:  # normally served by ovagent.entry without loading this module
         sys.exit(entry.run_via_agent(command, socket=socket, machine_key=machine_key,
-                                     app=app, env=env, secrets=secrets, vault=vault))
-    if socket:
-        raise UsageError("--socket needs --agent")
+                                     app=app, env=env, secrets=secrets, vault=vault,
+                                     spawn=spawn))
+    for flag, given in (("--socket", socket), ("--spawn", spawn)):
+        if given:
+            raise UsageError(f"{flag} needs --agent")
     from .runner import exec_with_secrets
 
     target = _target(app, env, secrets)
@@ -362,9 +364,13 @@ PID_FILE = argh.arg("--pid-file", metavar="PATH",
           help="SIGTERM to SIGKILL delay for commands whose client vanished (default 5)")
 @argh.arg("--drain", type=float, metavar="SECONDS",
           help="how long a stopping agent waits for running commands (default 30)")
+@argh.arg("--all-users", help="serve callers of every uid, as the system agent does "
+                              "(the socket's permissions decide who may connect); "
+                              "else only the agent's own uid and root")
 @VAULT
 def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
-                foreground=False, max_clients=None, grace=None, drain=None, vault=None):
+                foreground=False, max_clients=None, grace=None, drain=None,
+                all_users=False, vault=None):
     """Start the agent: hold the key in memory and serve 'ov run --agent'."""
     from . import daemon
 
@@ -372,7 +378,8 @@ def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
         config.check_slug("app", app)
     sys.exit(daemon.start(machine_key=machine_key, app=app, socket_path=socket,
                           pid_file=pid_file, foreground=foreground, vault=vault,
-                          max_clients=max_clients, grace=grace, drain=drain))
+                          max_clients=max_clients, grace=grace, drain=drain,
+                          all_users=all_users))
 
 
 @argh.named("stop")

@@ -1,14 +1,18 @@
 """``ov run --agent`` and ``ov agent status``: talking to a running agent.
 
-The client never starts an agent.  It checks who owns the socket, signs its request
-with the machine key it finds, hands over stdin/stdout/stderr, relays signals to the
-command and exits with the command's status (128+N for death by signal N).
+The client never starts an agent.  It checks who owns the socket and signs its
+request with the machine key it finds.  By default it asks the agent to *release*
+the secrets, sealed to that request (ovagent/seal.py), opens the seal and execs the
+command in place: same pid, unit, sandbox, limits and terminal.  With ``--spawn`` it
+hands over stdin/stdout/stderr instead, the agent runs the command, and the client
+relays signals and exits with the command's status (128+N for death by signal N).
 Imports stay minimal: this runs in front of every service start.  Sockets and signals
 come from the C modules _socket and _signal: socket.py and signal.py only add enums
 (and selectors) on top, and their import costs more than the rest of a request
 (bench/: ``python -X importtime``).
 """
 
+import binascii   # built in, like _signal and _socket: nothing to load
 import os
 import stat
 import sys
@@ -16,8 +20,9 @@ import sys
 import _signal
 import _socket
 
-from . import keyfile, protocol
-from .errors import EXIT_AGENT, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_USAGE, AgentError
+from . import keyfile, protocol, seal
+from .errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
+                     EXIT_USAGE, AgentError, AuthError)
 
 SYSTEM_SOCKET = "/run/ov-agent/ov-agent.sock"
 SYSTEM_KEY = "/etc/ov/machine.kek"
@@ -26,6 +31,7 @@ SYSTEM_KEY = "/etc/ov/machine.kek"
 CONNECT_TIMEOUT = 60.0
 EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
                  protocol.E_REPLAY: EXIT_AUTH, protocol.E_PEER: EXIT_AUTH,
+                 protocol.E_SPAWN_REFUSED: EXIT_AUTH,
                  protocol.E_NOT_FOUND: EXIT_NOT_FOUND,
                  protocol.E_BAD_REQUEST: EXIT_USAGE}
 
@@ -103,29 +109,33 @@ def _expect(sock, *types, timeout=CONNECT_TIMEOUT):
     except OSError as exc:
         raise AgentError(f"lost the agent: {exc.strerror or exc}") from None
     if frame["type"] == "error":
-        code, message = str(frame.get("code")), str(frame.get("message"))
-        raise _refused(code, message)
+        raise _refused(frame)
     if frame["type"] not in types:
         raise AgentError(f"unexpected {frame['type']!r} frame from the agent")
     return frame
 
 
-def _refused(code, message):
+def _refused(frame):
+    code, message = str(frame.get("code")), str(frame.get("message"))
     error = AgentError(f"agent refused the request: {message} [{code}]")
     error.exit_code = EXIT_FOR_CODE.get(code, EXIT_AGENT)
     if code == protocol.E_EXEC:
-        error.exit_code = 127 if message.endswith("(exit 127)") else 126
+        status = frame.get("exit_status")
+        error.exit_code = status if status in (126, 127) else EXIT_CANNOT_EXECUTE
     return error
 
 
 def _signed(sock, op, key, **fields):
+    """The request for this connection's challenge, and the MAC subkey it was signed
+    with (None: unsigned)."""
     hello = _expect(sock, "hello")
-    if not isinstance(hello.get("challenge"), str):
-        raise AgentError("the agent sent no challenge")
+    if not protocol.is_hex(hello.get("challenge"), protocol.CHALLENGE_BYTES):
+        raise AgentError("the agent sent no valid challenge")
     req = protocol.new_request(op, hello["challenge"], **fields)
-    if key is not None:
-        req["mac"] = protocol.sign(protocol.mac_key(key), req)
-    return req
+    subkey = None if key is None else protocol.mac_key(key)
+    if subkey is not None:
+        req["mac"] = protocol.sign(subkey, req)
+    return req, subkey
 
 
 def _explain_unsigned(error, key):
@@ -140,7 +150,8 @@ def _explain_unsigned(error, key):
 def status(socket_path, key):
     sock = connect(socket_path)
     try:
-        protocol.send_frame(sock, _signed(sock, "status", key))
+        req, _ = _signed(sock, "status", key)
+        protocol.send_frame(sock, req)
         return _expect(sock, "status")
     except OSError as exc:
         raise AgentError(f"lost the agent: {exc.strerror}") from None
@@ -150,15 +161,49 @@ def status(socket_path, key):
         sock.close()
 
 
-def run(argv, *, socket_path, key, app, env, secrets):
-    """Run argv through the agent; return the exit status to exit with."""
+def release(argv0, *, socket_path, key, app, env, secrets):
+    """Ask the agent for the secrets, sealed to this request; return name -> bytes."""
+    if key is None:
+        raise AuthError(_no_key_message())
+    sock = connect(socket_path)
+    try:
+        req, subkey = _signed(sock, "release", key, app=app, env=env, secrets=secrets,
+                              argv0=argv0)
+        protocol.send_frame(sock, req)
+        frame = _expect(sock, "released")
+        return seal.decode_secrets(seal.open_sealed(subkey, req, _sealed_bytes(frame)))
+    except OSError as exc:
+        raise AgentError(f"lost the agent: {exc.strerror}") from None
+    except seal.SealError as exc:
+        raise AgentError(f"refusing the agent's answer: {exc}") from None
+    finally:
+        sock.close()
+
+
+def _sealed_bytes(frame):
+    try:
+        return binascii.a2b_base64(frame["sealed"], strict_mode=True)
+    except (KeyError, TypeError, ValueError):
+        raise AgentError("bad answer from the agent: no sealed secrets") from None
+
+
+def _no_key_message():
+    return (f"no machine key found (pass --machine-key, or provide "
+            f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or {default_key_path()}): "
+            "the agent seals the secrets to a request signed with it.  An agent "
+            "unlocked with the master password serves only 'ov run --agent --spawn'")
+
+
+def spawn(argv, *, socket_path, key, app, env, secrets):
+    """Let the agent run argv (only in the caller's own world); return the exit status
+    to exit with."""
     sock = connect(socket_path)
     old_umask = os.umask(0)
     os.umask(old_umask)
     environ = {os.fsdecode(k): os.fsdecode(v) for k, v in os.environb.items()}
     try:
-        req = _signed(sock, "run", key, app=app, env=env, secrets=secrets, argv=argv,
-                      environ=environ, cwd=os.getcwd(), umask=old_umask)
+        req, _ = _signed(sock, "spawn", key, app=app, env=env, secrets=secrets,
+                         argv=argv, environ=environ, cwd=os.getcwd(), umask=old_umask)
         relay = _catch_signals()
         protocol.send_frame(sock, req, fds=(0, 1, 2))
         _expect(sock, "started")

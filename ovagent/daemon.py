@@ -152,7 +152,8 @@ def _remove_if_ours(path, inode):
 
 
 def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
-          foreground=False, vault=None, max_clients=None, grace=None, drain=None):
+          foreground=False, vault=None, max_clients=None, grace=None, drain=None,
+          all_users=False):
     from .agent import Agent, KeyState
     from .secmem import LockedKey, harden_process
 
@@ -181,7 +182,8 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
     options = {name: value for name, value in
                (("max_clients", max_clients), ("grace", grace), ("drain", drain))
                if value is not None}
-    agent = Agent(listener, keys, default_app=app, audit=audit, **options)
+    agent = Agent(listener, keys, default_app=app, all_users=all_users, audit=audit,
+                  **options)
     where = socket_path or "systemd socket"
     audit.event("started", f"ov-agent started on {where} ({mode})", mode=mode,
                 scope=keys.scope, socket=where, hardening=hardening + (

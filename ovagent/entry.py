@@ -1,18 +1,21 @@
 """The ``ov`` entry point.
 
 ``ov run --agent`` sits in front of every service start and CI job, so it is parsed
-here with getopt, from the same RUN_ARGUMENTS the full CLI declares ``ov run`` with,
-and never imports argparse, argh, cryptography or the vault (argparse alone, with
-the gettext, locale and shutil it pulls in, costs a fifth of the client's start-up).
-Anything getopt refuses, ``--help`` included, goes to the full CLI in ovagent.cli,
-which then prints argparse's usage or error.
+here, from the same RUN_ARGUMENTS the full CLI declares ``ov run`` with, and never
+imports argparse, argh, cryptography, the vault or even the regex engine (argparse
+alone, with the gettext, locale and shutil it pulls in, costs a fifth of the client's
+start-up).  Anything the fast parser does not take, ``--help`` included, goes to the
+full CLI in ovagent.cli, which then prints argparse's usage or error.
 """
 
 import sys
 
-RUN_DOC = """Run CMD with secrets added to its environment.  Without --agent, ov decrypts
-and replaces itself with CMD; with --agent, the agent spawns CMD and ov relays
-signals and exits with CMD's status (128+N if killed by signal N)."""
+RUN_DOC = """Run CMD with secrets added to its environment.  ov replaces itself with CMD
+(same pid, unit, sandbox and terminal): without --agent it decrypts the secrets
+itself; with --agent the running agent releases them sealed to ov's signed
+request.  With --agent --spawn the agent runs CMD (only where it runs in the
+caller's own world) and ov relays signals and exits with CMD's status (128+N if
+killed by signal N)."""
 
 APP_HELP = "app (default: .ov.yaml, user config, then 'default')"
 ENV_HELP = "environment (default: .ov.yaml, user config, then 'production')"
@@ -26,8 +29,12 @@ RUN_ARGUMENTS = (
     (("command",), {"nargs": "+", "metavar": "CMD",
                     "help": "the command and its arguments"}),
     (("--agent",), {"action": "store_true", "default": False,
-                    "help": "let the running agent decrypt and spawn CMD; plaintext "
-                            "never leaves the agent"}),
+                    "help": "get the secrets from the running agent, sealed to this "
+                            "request, instead of unlocking the vault"}),
+    (("--spawn",), {"action": "store_true", "default": False,
+                    "help": "with --agent: let the agent run CMD and relay its exit "
+                            "status (refused unless the agent runs in this process's "
+                            "world: same uid, namespaces, limits)"}),
     (("--socket",), {"metavar": "PATH", "help": SOCKET_HELP}),
     (("--machine-key",), {"metavar": "PATH",
                           "help": "machine key (default with --agent: "
@@ -57,42 +64,56 @@ def report_errors(function, *args, **kwargs):
 
 
 def run_via_agent(command, *, socket=None, machine_key=None, app=None, env=None,
-                  secrets=None, vault=None):
-    """``ov run --agent``: returns the exit status to leave with."""
+                  secrets=None, vault=None, spawn=False):
+    """``ov run --agent``: execs the command with the released secrets, or (with
+    --spawn) returns the exit status to leave with."""
     from . import client, config
     from .errors import UsageError
+    from .runner import exec_with_secrets
 
     if vault:
         raise UsageError("--vault is the agent's business; it cannot go with --agent")
     target = config.resolve(app, env, secrets)
-    return client.run(list(command), socket_path=socket or client.default_socket_path(),
-                      key=client.find_key(machine_key), app=target.app, env=target.env,
-                      secrets=target.secrets)
+    where = dict(socket_path=socket or client.default_socket_path(),
+                 key=client.find_key(machine_key), app=target.app, env=target.env,
+                 secrets=target.secrets)
+    if spawn:
+        return client.spawn(list(command), **where)
+    exec_with_secrets(list(command), client.release(command[0], **where))
 
 
 def _fast_run_options(argv):
     """Parse ``run --agent ...`` exactly as the full CLI would, or return None and let
-    it decide: errors, --help, and anything starting with a dash that argparse might
-    read differently (an option value, or a command argument with no ``--`` before
-    it)."""
-    import getopt
-
+    it decide: errors, --help, abbreviated options, and anything starting with a dash
+    that argparse might read differently (an option value, or a command argument with
+    no ``--`` before it).  Hand-written rather than getopt, whose gettext import pulls
+    in the regex engine."""
     flags = {flags[0]: kwargs for flags, kwargs in RUN_ARGUMENTS if flags[0] != "command"}
-    long_options = [flag[2:] + ("" if kwargs.get("action") == "store_true" else "=")
-                    for flag, kwargs in flags.items()]
-    rest = argv[1:]
-    try:
-        options, command = getopt.getopt(rest, "", long_options)
-    except getopt.GetoptError:
+    switches = {flag for flag, kwargs in flags.items() if kwargs.get("action") == "store_true"}
+    args = {flag[2:].replace("-", "_"): False if flag in switches else None
+            for flag in flags}
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg == "--":
+            command = list(rest)
+            break
+        if not arg.startswith("-"):
+            command = [arg, *rest]
+            if any(word.startswith("-") for word in command):
+                return None
+            break
+        flag, assigned, value = arg.partition("=")
+        if flag not in flags or (flag in switches and assigned):
+            return None
+        if flag not in switches and not assigned:
+            value = next(rest, None)
+        if value is None or value.startswith("-"):
+            return None
+        args[flag[2:].replace("-", "_")] = True if flag in switches else value
+    else:
         return None
-    separated = rest[len(rest) - len(command) - 1:][:1] == ["--"]
-    if not command or ("--agent", "") not in options or (
-            any(value.startswith("-") for _, value in options)) or (
-            not separated and any(arg.startswith("-") for arg in command)):
+    if not command or not args.pop("agent"):
         return None
-    args = {flag[2:].replace("-", "_"): None for flag in flags if flag != "--agent"}
-    args.update((name[2:].replace("-", "_"), value) for name, value in options
-                if name != "--agent")
     return command, args
 
 

@@ -26,32 +26,47 @@ DEFAULT_NAME = "ov-agent"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Characters a path may not contain to go into a unit file verbatim.
 UNSAFE_RE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
-AGENT_OPTIONS = "agent start --foreground --drain 30 --grace 5"
+AGENT_OPTIONS = "agent start --foreground{all_users} --drain 30 --grace 5"
 
-# The system service's sandbox: the same as units/ov-agent.service, whose comments
-# explain every line (and the exposure score it yields).
+# The system service's user and sandbox: the same as units/ov-agent.service (its
+# comments and ov-agent(8) explain them, and the exposure score they yield).
+AGENT_USER = "_ov-agent"
+SYSTEM_IDENTITY = f"User={AGENT_USER}\nGroup={AGENT_USER}\n"
+SYSTEM_STATE = "StateDirectory=ov\nStateDirectoryMode=0700\n"
 SYSTEM_HARDENING = """\
-CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL CAP_DAC_READ_SEARCH
+AmbientCapabilities=
+CapabilityBoundingSet=
+DevicePolicy=closed
+IPAddressDeny=any
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
 NoNewPrivileges=yes
-ProtectSystem=strict
-ReadWritePaths=/var /run /tmp -/srv
-ProtectHome=read-only
 PrivateDevices=yes
 PrivateMounts=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectHostname=yes
+PrivateNetwork=yes
+PrivateTmp=yes
+ProcSubset=pid
 ProtectClock=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+ProtectControlGroups=yes
+ProtectHome=yes
+ProtectHostname=yes
+ProtectKernelLogs=yes
+ProtectKernelModules=yes
+ProtectKernelTunables=yes
+ProtectSystem=strict
+RemoveIPC=yes
+RestrictAddressFamilies=AF_UNIX
 RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
-LockPersonality=yes
 SystemCallArchitectures=native
-SystemCallFilter=@system-service
 SystemCallErrorNumber=EPERM
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
 """
+# A user agent may spawn commands (--spawn from the user's own world): a restart
+# must not kill them.
+USER_KILL_MODE = "KillMode=process\n"
 
 SOCKET_TEMPLATE = """\
 {header}
@@ -86,15 +101,14 @@ StartLimitBurst=5
 [Service]
 Type=notify
 ExecStart={exec_start}
-LoadCredential=machine.kek:{key}
+{identity}LoadCredential=machine.kek:{key}
 SetCredential=machine.kek:none
+{state}UMask=0077
 Restart=on-failure
 RestartSec=1s
 WatchdogSec=30s
 TimeoutStartSec=20s
 TimeoutStopSec=45s
-KillMode=process
-UMask=0077
 {extra}"""
 
 SYSTEM_OWNERSHIP = f"""\
@@ -175,14 +189,16 @@ def plan(*, machine_key, socket=None, unit_name=DEFAULT_NAME, user=False):
               f"{name}.service' (drop-ins survive).  See ov-agent(8).")
     description = "ov-agent secrets agent" + (f" ({name})" if name != DEFAULT_NAME else "")
     description += " (user)" if user else ""
-    exec_start = f"{_ov_command()} {AGENT_OPTIONS}"
+    exec_start = f"{_ov_command()} " + AGENT_OPTIONS.format(
+        all_users="" if user else " --all-users")
     notes = []
     if user:
         config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
         unit_dir = os.path.join(config, "systemd", "user")
         listen = _user_socket(name, socket)
         socket_text = f"%t/{name}/{name}.sock" if listen is None else _unit_text(listen)
-        ownership, extra, systemctl = USER_OWNERSHIP, "", ["--user"]
+        ownership, systemctl = USER_OWNERSHIP, ["--user"]
+        identity, state, extra = "", "", USER_KILL_MODE
         shown = listen or f"$XDG_RUNTIME_DIR/{name}/{name}.sock"
         default_socket = name == DEFAULT_NAME and listen is None
     else:
@@ -190,7 +206,8 @@ def plan(*, machine_key, socket=None, unit_name=DEFAULT_NAME, user=False):
         listen = _system_socket(name, socket)
         socket_text = _unit_text(listen)
         ownership, systemctl = SYSTEM_OWNERSHIP, []
-        extra = "StateDirectory=ov\nStateDirectoryMode=0700\n\n" + SYSTEM_HARDENING
+        identity, state = SYSTEM_IDENTITY, SYSTEM_STATE
+        extra = "\n" + SYSTEM_HARDENING
         shown = listen
         default_socket = listen == "/run/ov-agent/ov-agent.sock"
     units = [
@@ -199,14 +216,17 @@ def plan(*, machine_key, socket=None, unit_name=DEFAULT_NAME, user=False):
             ownership=ownership)),
         Unit(os.path.join(unit_dir, f"{name}.service"), SERVICE_TEMPLATE.format(
             header=header, description=description, name=name, exec_start=exec_start,
-            key=_unit_text(key), extra=extra)),
+            identity=identity, key=_unit_text(key), state=state, extra=extra)),
     ]
     commands = []
     if not user:
         units.append(Unit(f"/etc/sysusers.d/{name}.conf",
                           f"{MARKER} (ov {__version__}).\n"
                           f"# The group that may connect to {listen}.\n"
-                          f"g {GROUP} - -\n"))
+                          f"g {GROUP} - -\n"
+                          "# The system agent's own user; it owns /var/lib/ov.\n"
+                          f'u {AGENT_USER} - "ov-agent secrets agent" /var/lib/ov '
+                          "/usr/sbin/nologin\n"))
         units.append(Unit(f"/etc/tmpfiles.d/{name}.conf",
                           f"{MARKER} (ov {__version__}).\n"
                           f"# The socket's directory: root and the {GROUP} group.\n"

@@ -8,24 +8,28 @@ NaN/Infinity, no duplicate keys, no unknown fields, integers of bounded size.
 A session: the agent sends ``hello`` with a fresh 256-bit challenge; the client sends
 one ``request`` signed with HMAC-SHA256 under a subkey derived (HKDF) from its machine
 key, over a canonical encoding of the challenge, a 128-bit nonce, a timestamp and every
-field the agent acts on; stdin/stdout/stderr travel as SCM_RIGHTS with the request.
+field of the request.  ``release`` is answered with the secrets sealed to the request
+(ovagent/seal.py); ``spawn`` carries stdin/stdout/stderr as SCM_RIGHTS, and the agent
+runs the command and reports its exit.
 
 Stdlib only at import time: this module is on the client's hot path.
 """
 
-import array
 import hashlib
 import hmac
-import json
 import os
+import sys
 import time
 
-# The C module, not socket.py: its enums and selectors cost the client's start (client.py)
+# C modules, not socket.py or json: socket.py's enums and selectors, and the regular
+# expressions json's Python layer compiles at import, cost the client's start
+# (client.py); _json is the codec json.loads and json.dumps run on.
+import _json
 from _socket import CMSG_SPACE, MSG_CMSG_CLOEXEC, SCM_RIGHTS, SOL_SOCKET
 
 from . import canonical
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"OV"
 HEADER_LEN = 8
 MAX_FRAME = 1 << 20          # 1 MiB: argv + environment comfortably fit
@@ -35,9 +39,10 @@ NONCE_BYTES = 16
 CHALLENGE_BYTES = 32
 MAC_BYTES = 32
 MAX_FDS = 3                  # stdin, stdout, stderr
+FD_BYTES = 4                 # a C int in SCM_RIGHTS
 MAX_INT_DIGITS = 20
-HKDF_INFO = b"ov-agent/v1 request-mac"
-MAC_DOMAIN = "ov-agent/v1/request"
+HKDF_INFO = b"ov-agent/v2 request-mac"
+MAC_DOMAIN = "ov-agent/v2/request"
 RELAYED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
                    "SIGWINCH")
 
@@ -53,23 +58,25 @@ E_PEER = "peer-refused"
 E_BUSY = "busy"
 E_NOT_FOUND = "not-found"
 E_EXEC = "exec-failed"
+E_SPAWN_REFUSED = "spawn-refused"   # the caller's world is not the agent's
 E_UNCONFIGURED = "unconfigured"
 E_INTERNAL = "internal"
 
 
 class ProtocolError(Exception):
-    """A frame or request that must be refused; ``code`` is one of E_*."""
+    """A frame or request that must be refused; ``code`` is one of E_*, and
+    ``exit_status`` what a client leaves with on exec-failed (126 or 127)."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, exit_status=None):
         super().__init__(message)
-        self.code = code
+        self.code, self.exit_status = code, exit_status
 
 
 # -- framing -----------------------------------------------------------------
 
 
 def encode_frame(obj):
-    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+    body = "".join(_encode_json(obj, 0)).encode("ascii")
     if len(body) > MAX_FRAME:
         raise ProtocolError(E_TOO_LARGE, f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
     return MAGIC + bytes((VERSION, 0)) + len(body).to_bytes(4, "big") + body
@@ -78,7 +85,8 @@ def encode_frame(obj):
 def send_frame(sock, obj, fds=()):
     data = encode_frame(obj)
     if fds:
-        ancillary = [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds))]
+        ancillary = [(SOL_SOCKET, SCM_RIGHTS, b"".join(
+            fd.to_bytes(FD_BYTES, sys.byteorder, signed=True) for fd in fds))]
         sent = sock.sendmsg([data], ancillary)
         data = data[sent:]
     if data:
@@ -96,7 +104,8 @@ def _recv_exact(sock, count, deadline, want_fds=False):
         try:
             if want_fds:
                 data, ancdata, _, _ = sock.recvmsg(
-                    count - have, CMSG_SPACE(MAX_FDS * 4 + 4), MSG_CMSG_CLOEXEC)
+                    count - have, CMSG_SPACE((MAX_FDS + 1) * FD_BYTES),
+                    MSG_CMSG_CLOEXEC)
                 fds += _fds_from(ancdata)
             else:
                 data = sock.recv(count - have)
@@ -116,9 +125,8 @@ def _fds_from(ancdata):
     fds = []
     for level, kind, data in ancdata:
         if level == SOL_SOCKET and kind == SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[:len(data) - len(data) % received.itemsize])
-            fds += list(received)
+            fds += [int.from_bytes(data[at:at + FD_BYTES], sys.byteorder, signed=True)
+                    for at in range(0, len(data) - FD_BYTES + 1, FD_BYTES)]
     return fds
 
 
@@ -187,12 +195,41 @@ def _reject_float(text):
     raise ProtocolError(E_BAD_FRAME, "non-integer number")
 
 
+class _StrictJson:
+    """The settings _json's scanner reads (as json.JSONDecoder holds them): strict
+    strings, no floats, no NaN or Infinity, bounded integers, no duplicate keys."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = staticmethod(_no_duplicates)
+    parse_float = staticmethod(_reject_float)
+    parse_int = staticmethod(_bounded_int)
+    parse_constant = staticmethod(_reject_constant)
+
+
+def _unencodable(value):
+    raise TypeError(f"cannot send {type(value).__name__} in a frame")
+
+
+_scan_json = _json.make_scanner(_StrictJson())
+# json.dumps(obj, separators=(",", ":"), allow_nan=False), without its Python layer.
+_encode_json = _json.make_encoder(None, _unencodable, _json.encode_basestring_ascii,
+                                  None, ":", ",", False, False, False)
+JSON_WHITESPACE = " \t\n\r"
+
+
 def decode_body(body):
+    """The JSON object of a frame body, parsed as strictly as json.loads with the
+    hooks of _StrictJson (whitespace around the value allowed, nothing else)."""
     try:
-        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_int=_bounded_int, parse_float=_reject_float,
-                         parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = body.decode("utf-8").strip(JSON_WHITESPACE)
+        obj, end = _scan_json(text, 0)
+        if end != len(text):
+            raise ValueError("extra data after the JSON value")
+    # SystemError: Python 3.11's _json reports some syntax errors with an exception
+    # class it looks up in sys.modules without importing it (json.decoder), and fails
+    # with SystemError when nothing imported json (tests/fuzz_frames.py found it).
+    except (UnicodeDecodeError, ValueError, RecursionError, StopIteration, SystemError):
         raise ProtocolError(E_BAD_FRAME, "frame body is not valid JSON") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError(E_BAD_FRAME, "frame body is not a typed JSON object")
@@ -201,16 +238,22 @@ def decode_body(body):
 
 # -- requests ----------------------------------------------------------------
 
-REQUEST_FIELDS = {
-    "type": str, "op": str, "challenge": str, "nonce": str, "ts": int,
-    "app": (str, type(None)), "env": (str, type(None)),
-    "secrets": (list, type(None)), "argv": list, "environ": dict, "cwd": str,
-    "umask": int, "mac": (str, type(None)),
+# The fields of a request: those every op carries, then each op's own.  A request
+# carries exactly its op's fields, so an agent never receives (or acts on) what
+# the op does not need: a release request has no cwd, environment or argv.
+COMMON_FIELDS = {"type": str, "op": str, "challenge": str, "nonce": str, "ts": int,
+                 "mac": (str, type(None))}
+TARGET_FIELDS = {"app": (str, type(None)), "env": (str, type(None)),
+                 "secrets": (list, type(None))}
+OP_FIELDS = {
+    "status": {},
+    "release": {**TARGET_FIELDS, "argv0": str},
+    "spawn": {**TARGET_FIELDS, "argv": list, "environ": dict, "cwd": str, "umask": int},
 }
-OPS = ("run", "status")
+OPS = tuple(OP_FIELDS)
 
 
-def _is_hex(text, size):
+def is_hex(text, size):
     return (isinstance(text, str) and len(text) == 2 * size
             and all(c in "0123456789abcdef" for c in text))
 
@@ -228,33 +271,47 @@ def _check_text(what, text):
     return text
 
 
+def _check_schema(obj):
+    """Exactly the fields of the request's op, each of its type."""
+    op = obj.get("op")
+    if not isinstance(op, str) or op not in OP_FIELDS:
+        raise ProtocolError(E_BAD_REQUEST, f"unknown op {_excerpt(op)}")
+    schema = {**COMMON_FIELDS, **OP_FIELDS[op]}
+    if set(obj) != set(schema):
+        extra, missing = set(obj) - set(schema), set(schema) - set(obj)
+        raise ProtocolError(E_BAD_REQUEST,
+                            f"unknown fields {_excerpt(sorted(extra))}" if extra
+                            else f"missing fields {sorted(missing)}")
+    for key, kinds in schema.items():
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ProtocolError(E_BAD_REQUEST, f"field {key!r} has the wrong type")
+
+
 def validate_request(obj):
     """Check a request's schema strictly; return it unchanged when valid."""
     if obj.get("type") != "request":
         raise ProtocolError(E_BAD_REQUEST, "expected a request frame")
-    if set(obj) != set(REQUEST_FIELDS):
-        extra, missing = set(obj) - set(REQUEST_FIELDS), set(REQUEST_FIELDS) - set(obj)
-        raise ProtocolError(E_BAD_REQUEST,
-                            f"unknown fields {_excerpt(sorted(extra))}" if extra
-                            else f"missing fields {sorted(missing)}")
-    for key, kinds in REQUEST_FIELDS.items():
-        value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise ProtocolError(E_BAD_REQUEST, f"field {key!r} has the wrong type")
-    if obj["op"] not in OPS:
-        raise ProtocolError(E_BAD_REQUEST, f"unknown op {_excerpt(obj['op'])}")
-    if not _is_hex(obj["nonce"], NONCE_BYTES) or not _is_hex(obj["challenge"],
-                                                              CHALLENGE_BYTES):
+    _check_schema(obj)
+    if not is_hex(obj["nonce"], NONCE_BYTES) or not is_hex(obj["challenge"],
+                                                            CHALLENGE_BYTES):
         raise ProtocolError(E_BAD_REQUEST, "nonce or challenge malformed")
-    if obj["mac"] is not None and not (isinstance(obj["mac"], str)
-                                       and obj["mac"].isascii()):
+    if obj["mac"] is not None and not obj["mac"].isascii():
         raise ProtocolError(E_AUTH, "request authentication failed")
     for name in ("app", "env"):
-        if obj[name] is not None:
+        if obj.get(name) is not None:
             _check_text(name, obj[name])
-    for name in obj["secrets"] or ():
+    for name in obj.get("secrets") or ():
         _check_text("secret name", name)
-    if obj["op"] == "run" and not obj["argv"]:
+    if obj["op"] == "release":
+        _check_text("argv0", obj["argv0"])
+    if obj["op"] == "spawn":
+        _check_spawn(obj)
+    return obj
+
+
+def _check_spawn(obj):
+    if not obj["argv"]:
         raise ProtocolError(E_BAD_REQUEST, "argv is empty")
     for arg in obj["argv"]:
         _check_text("argv element", arg)
@@ -266,34 +323,43 @@ def validate_request(obj):
         raise ProtocolError(E_BAD_REQUEST, "cwd must be an absolute path")
     if not 0 <= obj["umask"] <= 0o777:
         raise ProtocolError(E_BAD_REQUEST, "umask out of range")
-    return obj
 
 
 def signed_bytes(req):
-    """The canonical encoding the MAC covers: every field the agent acts on."""
-    secrets = req["secrets"]
-    fields = [MAC_DOMAIN, req["op"], req["challenge"], req["nonce"], req["ts"],
-              req["app"] or "", "1" if req["app"] is not None else "0",
-              req["env"] or "", "1" if req["env"] is not None else "0",
-              -1 if secrets is None else len(secrets), *(secrets or ()),
-              len(req["argv"]), *req["argv"], len(req["environ"])]
-    for name in sorted(req["environ"]):
-        fields += [name, req["environ"][name]]
-    fields += [req["cwd"], req["umask"]]
+    """The canonical encoding the MAC covers: every field of the request but the MAC."""
+    op = req["op"]
+    fields = [MAC_DOMAIN, op, req["challenge"], req["nonce"], req["ts"]]
+    if "app" in OP_FIELDS[op]:
+        secrets = req["secrets"]
+        fields += [req["app"] or "", "1" if req["app"] is not None else "0",
+                   req["env"] or "", "1" if req["env"] is not None else "0",
+                   -1 if secrets is None else len(secrets), *(secrets or ())]
+    if op == "release":
+        fields.append(req["argv0"])
+    if op == "spawn":
+        fields += [len(req["argv"]), *req["argv"], len(req["environ"])]
+        for name in sorted(req["environ"]):
+            fields += [name, req["environ"][name]]
+        fields += [req["cwd"], req["umask"]]
     return canonical.encode(*fields)
 
 
-def mac_key(machine_key):
-    """HKDF-SHA256 (RFC 5869) subkey for request MACs: the raw machine key is never
-    a MAC key.
+def hkdf_sha256(ikm, info, length=32, salt=b""):
+    """HKDF-SHA256 (RFC 5869), written with the stdlib's hmac: importing cryptography
+    costs ~30 ms on every ``ov run --agent``.  tests/test_protocol_kdf.py checks it
+    against cryptography's HKDF for arbitrary inputs."""
+    prk = hmac.new(salt or bytes(hashlib.sha256().digest_size), ikm,
+                   hashlib.sha256).digest()                       # extract
+    okm, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):                # expand
+        block = hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
+        okm += block
+    return okm[:length]
 
-    Written with the stdlib's hmac instead of cryptography's HKDF because importing
-    cryptography costs ~30 ms on every ``ov run --agent``; for one 32-byte output
-    block HKDF is exactly these two HMACs, and tests/test_protocol_kdf.py checks the
-    result against cryptography's HKDF for arbitrary keys."""
-    prk = hmac.new(bytes(hashlib.sha256().digest_size), machine_key,
-                   hashlib.sha256).digest()                       # extract, salt = zeros
-    return hmac.new(prk, HKDF_INFO + b"\x01", hashlib.sha256).digest()  # expand, T(1)
+
+def mac_key(machine_key):
+    """The subkey request MACs are made with: the raw machine key is never a MAC key."""
+    return hkdf_sha256(machine_key, HKDF_INFO)
 
 
 def sign(subkey, req):
@@ -305,13 +371,22 @@ def mac_matches(subkey, req):
     return hmac.compare_digest(sign(subkey, req), req["mac"])
 
 
-def new_request(op, challenge, *, app=None, env=None, secrets=None, argv=(),
-                environ=None, cwd="/", umask=0o022):
-    return {"type": "request", "op": op, "challenge": challenge,
-            "nonce": os.urandom(NONCE_BYTES).hex(), "ts": int(time.time()),
-            "app": app, "env": env, "secrets": secrets, "argv": list(argv),
-            "environ": dict(environ or {}), "cwd": cwd, "umask": umask, "mac": None}
+def new_request(op, challenge, **fields):
+    """An unsigned request of *op*: the op's fields from *fields*, else defaults."""
+    defaults = {"app": None, "env": None, "secrets": None, "argv0": "", "argv": [],
+                "environ": {}, "cwd": "/", "umask": 0o022}
+    req = {"type": "request", "op": op, "challenge": challenge,
+           "nonce": os.urandom(NONCE_BYTES).hex(), "ts": int(time.time()), "mac": None}
+    for name in OP_FIELDS[op]:
+        req[name] = fields.pop(name, defaults[name])
+    if fields:
+        raise TypeError(f"{op} requests have no fields {sorted(fields)}")
+    return req
 
 
-def error_frame(code, message):
-    return {"type": "error", "code": code, "message": message}
+def error_frame(code, message, exit_status=None):
+    """A refusal; exec-failed carries the exit status the client leaves with."""
+    frame = {"type": "error", "code": code, "message": message}
+    if exit_status is not None:
+        frame["exit_status"] = exit_status
+    return frame

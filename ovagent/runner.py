@@ -1,7 +1,10 @@
-"""Starting the user's command with secrets in its environment (``ov run``)."""
+"""Replacing ``ov`` with the user's command, secrets added to its environment
+(``ov run``, with or without the agent).  Stdlib C modules only: the agent's client
+execs through here on its hot path."""
 
 import os
-import signal
+
+import _signal
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, ExecError
 
@@ -15,13 +18,13 @@ def child_environment(base, secrets):
 
 
 def exec_with_secrets(argv, secrets):
-    """Replace this process with argv: its exit status and signals become ours."""
+    """Replace this process with argv: its pid, exit status and signals become ours."""
     env = child_environment(os.environb, secrets)
     # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: restore
     # the defaults so CMD behaves (and dies) as it would without ov.
     for name in ("SIGPIPE", "SIGXFSZ"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        if hasattr(_signal, name):
+            _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
     try:
         os.execvpe(argv[0], argv, env)
     except FileNotFoundError:

@@ -24,7 +24,10 @@ def harden_process():
     """No core dumps and no same-uid ptrace of the agent.  Returns what held."""
     held = []
     try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # Only the soft limit: a command spawned for a caller gets the caller's back
+        # (peer.core_soft_limit), which a lowered hard limit would forbid.
+        resource.setrlimit(resource.RLIMIT_CORE,
+                           (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         held.append("no-core")
     except (OSError, ValueError):
         pass

@@ -116,7 +116,11 @@ class SqliteStore:
         old = os.umask(0o077)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _owned_like_directory(fd, directory)
+            finally:
+                os.close(fd)
             store = cls(tmp)
             store.initialize(meta)
             store.close()
@@ -311,6 +315,17 @@ class SqliteStore:
         return self._db.execute(
             "DELETE FROM secrets WHERE app = ? AND env = ? AND name = ?",
             (app, env, name)).rowcount
+
+
+def _owned_like_directory(fd, directory):
+    """A vault belongs to the owner of its directory.  Root's ov creating the system
+    vault in /var/lib/ov (which the unprivileged system agent owns) gives the file to
+    that owner, so the agent can read it; later writes by root keep it readable, as
+    SQLite running as root gives the -wal and -shm files the database file's owner
+    and mode."""
+    st = os.stat(directory)
+    if os.geteuid() == 0 and st.st_uid != 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _translate(path, exc):

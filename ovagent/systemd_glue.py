@@ -15,6 +15,7 @@ SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKE
 MESSAGE_IDS = {
     "started": "70588917055e4a2dbf86c77d53d55cd3",
     "ready": "ea336cdaac054a37b2d05c67a7c84f1e",
+    "released": "64a64b30fcc94232930a4740e847b570",
     "accepted": "f9136daab94d4ba3952e4e0cdf137d78",
     "denied": "9aa11e1145a34f9ca41aa79f0bd1be2a",
     "exited": "dcb7d95420d34b37b6fe98aee30ccad3",

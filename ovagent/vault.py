@@ -266,6 +266,11 @@ class Vault:
 
     def reveal(self, keyring, app, env, names=None):
         """Decrypt the latest version of *names* (all when None) into a dict."""
+        return {name: value for name, (_, value) in
+                self.reveal_versions(keyring, app, env, names).items()}
+
+    def reveal_versions(self, keyring, app, env, names=None):
+        """As reveal(), with each secret's version: name -> (version, value)."""
         if names is not None:
             names = sorted({check_name(n) for n in names})
         app_key = keyring.app_key(app)
@@ -280,10 +285,10 @@ class Vault:
                 raise UsageError(
                     f"{app}/{env} holds {', '.join(risky)}, which would change how "
                     "programs load code; inject it only by naming it in --secrets")
-        values = {}
+        revealed = {}
         for record in records:
             what = f"secret {record.name} v{record.version}"
             dek = crypto.unseal(app_key, record.wrapped_dek, self._dek_aad(record), what)
-            values[record.name] = crypto.unseal(dek, record.ciphertext,
-                                                self._value_aad(record), what)
-        return values
+            revealed[record.name] = (record.version, crypto.unseal(
+                dek, record.ciphertext, self._value_aad(record), what))
+        return revealed

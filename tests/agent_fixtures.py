@@ -9,6 +9,7 @@ digests, and agent or client output goes through redact() first.
 """
 
 import array
+import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import leaks
-from conftest import DEMO_SECRETS, OV, SENTINEL
+from conftest import DEMO_SECRETS, OV, PASSWORD, SENTINEL
 from ovagent import protocol
 
 
@@ -148,8 +150,10 @@ def frame_of(body):
 
 def signed(key, challenge, op="status", **fields):
     """A request for *challenge*, signed with machine key bytes *key* (None: unsigned)."""
-    if op == "run":
+    if op == "spawn":
         fields.setdefault("argv", ["true"])
+    if op == "release":
+        fields.setdefault("argv0", "true")
     req = protocol.new_request(op, challenge, **fields)
     if key is not None:
         req["mac"] = protocol.sign(protocol.mac_key(key), req)
@@ -228,17 +232,21 @@ class Agent:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def _key_option(self, key):
+        """--machine-key KEY (the agent's own by default); key=False: none."""
+        return [] if key is False else ["--machine-key", str(key or self.key)]
+
     def run(self, *command, key=None, options=(), via=None, **kwargs):
         """``ov run --agent --socket S --machine-key K OPTIONS -- COMMAND``; via: another
         socket path to connect to (a proxy) instead of the agent's."""
         return self.harness.demo.ov(
-            "run", "--agent", "--socket", str(via or self.socket), "--machine-key",
-            str(key or self.key), *options, "--", *command, **kwargs)
+            "run", "--agent", "--socket", str(via or self.socket),
+            *self._key_option(key), *options, "--", *command, **kwargs)
 
     def client(self, *command, key=None, options=(), **kwargs):
         """The same as a running Popen (tracked: killed in teardown)."""
-        args = [OV, "run", "--agent", "--socket", str(self.socket), "--machine-key",
-                str(key or self.key), *options, "--", *command]
+        args = [OV, "run", "--agent", "--socket", str(self.socket),
+                *self._key_option(key), *options, "--", *command]
         return self.harness.popen(args, **kwargs)
 
     def status(self, key=None, *options, via=None):
@@ -302,6 +310,33 @@ class AgentHarness:
         if wait and foreground:
             agent.wait_ready()
         return agent
+
+    def start_interactive(self):
+        """An agent unlocked with the master password typed on a terminal (a pty that
+        becomes its controlling terminal): interactive mode, no machine key."""
+        _, sock, log = self._paths("i")
+        primary, secondary = os.openpty()
+        args = [OV, "agent", "start", "--foreground", "--socket", str(sock), "--pid-file",
+                str(sock.with_name("i.pid")), "--app", "demo", "--grace", AGENT_GRACE,
+                "--drain", AGENT_DRAIN]
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen(
+                args, stdin=secondary, stdout=handle, stderr=handle, env=self.env,
+                cwd=self.tmp, start_new_session=True,
+                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(secondary)
+        agent = Agent(self, proc, sock, sock.with_name("i.pid"), log, self.demo.key)
+        self.agents.append(agent)
+        leaks.watch.watch_file(f"the log of agent {log.name}", log)
+        try:
+            prompt = b""
+            while b"Master password:" not in prompt:
+                assert select.select([primary], [], [], WAIT)[0], "no password prompt"
+                prompt += os.read(primary, 1024)
+            os.write(primary, PASSWORD.encode() + b"\n")
+            return agent.wait_ready()
+        finally:
+            os.close(primary)
 
     def activated(self, *options, key=None, setenv=(), pid_file=True, name="act",
                   listen=()):
@@ -527,8 +562,12 @@ class RecordingProxy:
             assert not thread.is_alive(), "proxy still relaying"
 
     def close(self):
-        """Stop listening and cut every relayed connection (shutdown wakes the pumps)."""
+        """Stop listening and cut every relayed connection (shutdown wakes the pumps);
+        the raw bytes of both directions go to the leak sentinel."""
         self.listener.close()
+        with self._lock:
+            leaks.watch.saw("raw frames to the agent (proxy)", bytes(self.to_agent))
+            leaks.watch.saw("raw frames from the agent (proxy)", bytes(self.to_client))
         for sock in self._sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -16,7 +16,10 @@ breach is a crash that libFuzzer saves:
 * a request that passes the schema can be signed (its strings encode for the MAC as
   they do for os.fsencode, which the agent uses to run it);
 * a request whose MAC verifies means exactly what a seed request meant: the fuzzer
-  does not know the key, so anything else is a forgery.
+  does not know the key, so anything else is a forgery;
+* the stream, read as the sealed reply to the seed release request, opens only if it
+  is exactly the seed's sealed reply (anything else that opened would be a forged
+  seal), and otherwise fails only with SealError.
 
 Run by hand for as long as you like (``tests/test_fuzz.py`` runs it for a fixed
 budget in CI); libFuzzer's arguments pass through, and the first corpus directory
@@ -36,7 +39,7 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports():
-    from ovagent import canonical, protocol  # noqa: F401  (canonical: instrumented)
+    from ovagent import canonical, protocol, seal  # noqa: F401  (canonical: instrumented)
 
 KEY = bytes(range(32))                 # a fixed test machine key
 SUBKEY = protocol.mac_key(KEY)
@@ -54,18 +57,20 @@ def seed_requests():
     fixed nonce and time, so that a corpus kept from an earlier run holds no valid MAC
     this run's SIGNED lacks."""
     status = protocol.new_request("status", CHALLENGE)
-    run = protocol.new_request(
-        "run", CHALLENGE, app="demo", env="production", secrets=["DB_URL", "API"],
+    release = protocol.new_request("release", CHALLENGE, app="demo", env="production",
+                                   secrets=["DB_URL", "API"], argv0="/usr/bin/caf\udce9")
+    spawn = protocol.new_request(
+        "spawn", CHALLENGE, app="demo", env="production", secrets=["DB_URL", "API"],
         argv=["/bin/sh", "-c", "exit 3", "caf\udce9"],      # a non-UTF-8 byte, escaped
         environ={"PATH": ":".join(f"/opt/tool{n}/bin" for n in range(40)),
                  "LANG": "C.UTF-8", "NAME": "\udcff"}, cwd="/tmp",
         umask=0o027)
-    unsigned = protocol.new_request("run", CHALLENGE, argv=["/bin/true"])
-    for req in (status, run, unsigned):
+    unsigned = protocol.new_request("spawn", CHALLENGE, argv=["/bin/true"])
+    for req in (status, release, spawn, unsigned):
         req.update(nonce="5eed" * (protocol.NONCE_BYTES // 2), ts=1_700_000_000)
-    for req in (status, run):
+    for req in (status, release, spawn):
         req["mac"] = protocol.sign(SUBKEY, req)
-    return status, run, unsigned
+    return status, release, spawn, unsigned
 
 
 def meaning(req):
@@ -76,6 +81,9 @@ def meaning(req):
 SEEDS = seed_requests()
 SIGNED = {protocol.signed_bytes(req): meaning(req) for req in SEEDS if req["mac"]}
 SECRETS = (KEY.hex(), SUBKEY.hex())
+RELEASE = SEEDS[1]
+SEALED = seal.seal(SUBKEY, RELEASE, seal.encode_secrets({"DB_URL": b"postgres://x",
+                                                         "API": b""}))
 
 
 def deliver(writer, control, stream):
@@ -123,8 +131,19 @@ def check_refusal(exc):
         "a refusal message carries key material"
 
 
+def check_seal(stream):
+    """The stream as a sealed reply to the seed release request (the client's side)."""
+    try:
+        opened = seal.open_sealed(SUBKEY, RELEASE, stream)
+    except seal.SealError:
+        return
+    assert stream == SEALED, "a sealed reply the fuzzer built opened: seal forgery"
+    seal.decode_secrets(opened)
+
+
 def check(data):
-    """One input through the agent's reading and verification steps."""
+    """One input through the agent's reading and verification steps, and through the
+    client's opening of a sealed reply."""
     control, stream = (data[0], data[1:MAX_STREAM + 1]) if data else (0, b"")
     before = open_fds() if control & 0x1f else None
     reader, writer = socket.socketpair()
@@ -146,18 +165,20 @@ def check(data):
         writer.close()
     if before is not None:
         assert open_fds() == before, f"descriptors leaked: {open_fds() - before}"
+    check_seal(stream)
 
 
 def write_seeds(corpus):
     """Seed inputs (control byte + stream): the valid frames, with and without
     descriptors and cut inside and after the header, the hello, a truncated and an
     oversized frame, trailing garbage and too many descriptors."""
-    status, run, unsigned = (protocol.encode_frame(req) for req in SEEDS)
+    status, release, run, unsigned = (protocol.encode_frame(req) for req in SEEDS)
     hello = protocol.encode_frame({"type": "hello", "version": protocol.VERSION,
                                    "agent": "ov-agent fuzz", "challenge": CHALLENGE})
     byte = control_byte
     inputs = [(byte(), status), (byte(3), run), (byte(3), unsigned), (byte(), hello),
-              (byte(), status[:8]), (byte(), b"OV\x01\x00\xff\xff\xff\xff"),
+              (byte(), release), (byte(), SEALED), (byte(), SEALED[:-1]),
+              (byte(), status[:8]), (byte(), status[:4] + b"\xff\xff\xff\xff"),
               (byte(3), run + b"garbage"), (byte(5), status), (byte(3, cut=8), run),
               (byte(0, 3, cut=8), run), (byte(2, 1, cut=4), run), (byte(cut=14), status)]
     os.makedirs(corpus, exist_ok=True)

@@ -75,7 +75,7 @@ def test_status_and_stop_under_socket_activation(agents, demo):
     assert result.returncode == 0, redact(result.err)
     assert f"(pid {agent.pid}) up " in result.out
     assert "mode: machine-key; key scope: all apps; default app: demo" in result.out
-    assert "requests: accepted=0 busy=0 denied=0 running=0" in result.out
+    assert "requests: accepted=0 busy=0 denied=0 released=0 running=0" in result.out
     assert agent.pid_file.read_text().strip() == str(agent.pid)
     stop = demo.ov("agent", "stop", "--pid-file", str(agent.pid_file))
     assert stop.returncode == 0, stop.err

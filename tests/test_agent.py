@@ -1,11 +1,16 @@
 """``ov agent`` in manual mode and ``ov run --agent`` end to end: real agents started
-with the venv's ``ov`` on real sockets (fixtures in agent_fixtures.py)."""
+with the venv's ``ov`` on real sockets (fixtures in agent_fixtures.py).  Both flows:
+the default one, where the client execs the command in place with the secrets the
+agent released to it, and ``--spawn``, where the agent runs the command (only for a
+caller that lives in the agent's own world)."""
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +26,8 @@ from agent_fixtures import (DEMO_SECRETS, OV, SETPRIV, RecordingProxy, Session, 
 
 
 GRACE = 1.0   # the fixture's --grace
+SPAWN = ["--spawn"]
+both_flows = pytest.mark.parametrize("flow", [[], SPAWN], ids=["in-place", "spawn"])
 
 
 def processes_with(marker):
@@ -58,7 +65,7 @@ def test_status_prints_version_uptime_mode_and_counters(agent):
     assert lines[0].startswith(f"ov-agent 0.1.0 (pid {agent.pid}) up "), lines
     assert lines[0].endswith(f"s on {agent.socket}"), lines
     assert lines[1] == "mode: machine-key; key scope: all apps; default app: demo"
-    assert lines[2] == "requests: accepted=1 busy=0 denied=0 running=0"
+    assert lines[2] == "requests: accepted=0 busy=0 denied=0 released=1 running=0"
 
 
 def test_status_with_a_wrong_key_falls_back_to_the_pid_file(agent, tmp_path):
@@ -168,41 +175,71 @@ def test_detached_start_returns_once_the_socket_accepts(agents, demo):
 # -- ov run --agent: data, exit status, signals -----------------------------------
 
 
+@both_flows
 @pytest.mark.parametrize("payload", [bytes(range(256)) * 4, os.urandom(1 << 20)],
                          ids=["all-bytes", "1MiB"])
-def test_stdin_to_stdout_round_trip(agent, payload):
-    result = agent.run("cat", input=payload)
+def test_stdin_to_stdout_round_trip(agent, payload, flow):
+    result = agent.run("cat", input=payload, options=flow)
     assert result.returncode == 0, redact(result.err)
     assert len(result.stdout) == len(payload)
     assert sha256(result.stdout) == sha256(payload)
 
 
-def test_stderr_is_the_clients(agent):
-    result = agent.run("sh", "-c", "echo out; echo err >&2")
+@both_flows
+def test_stderr_is_the_clients(agent, flow):
+    result = agent.run("sh", "-c", "echo out; echo err >&2", options=flow)
     assert (result.returncode, result.out, result.err) == (0, "out\n", "err\n")
 
 
+@both_flows
 @pytest.mark.parametrize("code", [0, 1, 42])
-def test_exit_status_is_the_commands(agent, code):
-    result = agent.run("sh", "-c", f"exit {code}")
+def test_exit_status_is_the_commands(agent, code, flow):
+    result = agent.run("sh", "-c", f"exit {code}", options=flow)
     assert result.returncode == code, redact(result.err)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT],
+                         ids=lambda s: s.name)
+def test_death_by_signal_is_the_commands_own_in_place(agent, signum):
+    """The command replaced the client: its death by a signal is the process's."""
+    result = agent.run("sh", "-c", f"kill -{signum.name[3:]} $$")
+    assert result.returncode == -signum, redact(result.err)
+
+
 @pytest.mark.parametrize("signame, expected", [("TERM", 143), ("KILL", 137), ("INT", 130)])
-def test_death_by_signal_exits_128_plus_n(agent, signame, expected):
-    result = agent.run("sh", "-c", f"kill -{signame} $$")
+def test_death_by_signal_exits_128_plus_n_with_spawn(agent, signame, expected):
+    result = agent.run("sh", "-c", f"kill -{signame} $$", options=SPAWN)
     assert result.returncode == expected, redact(result.err)
 
 
+@both_flows
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT,
                                     signal.SIGHUP], ids=lambda s: s.name)
-def test_signals_are_relayed_to_the_command(agent, signum):
+def test_signals_reach_the_command(agent, signum, flow):
     name = signum.name[3:]
     client = agent.client(
-        "sh", "-c", f'trap "exit 7" {name}; echo running; while :; do sleep 0.05; done')
+        "sh", "-c", f'trap "exit 7" {name}; echo running; while :; do sleep 0.05; done',
+        options=flow)
     assert read_line(client.stdout) == "running\n"
     client.send_signal(signum)
     assert client.wait(10) == 7, pipe_text(client.stderr)
+
+
+def test_the_command_replaces_the_client(agent):
+    """In place: the command has the client's pid (a unit's main process stays its
+    main process) and its parent, and no agent process is involved in running it."""
+    client = agent.client("sh", "-c", 'echo "$$ $PPID"; exec sleep 30')
+    pid, parent = map(int, read_line(client.stdout).split())
+    assert (pid, parent) == (client.pid, os.getpid())
+    assert agent.pid not in (pid, parent)
+    client.kill()
+
+
+def test_a_released_command_outlives_the_agent(agent, demo):
+    client = agent.client("sh", "-c", "echo running; sleep 1; exit 5")
+    assert read_line(client.stdout) == "running\n"
+    agent.terminate()
+    assert client.wait(10) == 5
 
 
 def test_a_signal_before_started_reaches_the_command(agent, tmp_path):
@@ -212,8 +249,8 @@ def test_a_signal_before_started_reaches_the_command(agent, tmp_path):
     proxy = RecordingProxy(tmp_path / "p.sock", agent.socket, delay=0.5)
     try:
         client = agent.harness.popen([
-            OV, "run", "--agent", "--socket", str(tmp_path / "p.sock"), "--machine-key",
-            str(agent.key), "--", "sh", "-c",
+            OV, "run", "--agent", "--spawn", "--socket", str(tmp_path / "p.sock"),
+            "--machine-key", str(agent.key), "--", "sh", "-c",
             'trap "exit 7" USR1; echo running; while :; do sleep 0.05; done'])
         assert read_line(client.stdout) == "running\n"
         client.send_signal(signal.SIGUSR1)          # 'started' is still held back
@@ -228,7 +265,7 @@ def test_a_client_gone_before_started_still_gets_its_command_stopped(agent, demo
     nobody, and the command must still be stopped and reaped, not left running."""
     marker = f"ov-test-{uuid.uuid4().hex}"
     with Session(agent.socket) as session, open(os.devnull, "r+b") as null:
-        req = signed(demo.key.read_bytes(), session.challenge, "run", cwd=str(tmp_path),
+        req = signed(demo.key.read_bytes(), session.challenge, "spawn", cwd=str(tmp_path),
                      argv=["sh", "-c", "while :; do sleep 0.1; done", marker])
         session.send(protocol.encode_frame(req), fds=[null.fileno()] * 3)
     try:
@@ -244,7 +281,8 @@ def test_a_client_gone_before_started_still_gets_its_command_stopped(agent, demo
                                                              "ignores-TERM"])
 def test_a_vanished_client_takes_its_command_along(agent, ignores_term):
     trap = 'trap "" TERM; ' if ignores_term else ""
-    client = agent.client("sh", "-c", trap + "echo $$; while :; do sleep 0.1; done")
+    client = agent.client("sh", "-c", trap + "echo $$; while :; do sleep 0.1; done",
+                          options=SPAWN)
     pid = int(read_line(client.stdout))
     agent.harness.track(pid)
     client.kill()
@@ -304,7 +342,8 @@ def test_a_slow_client_does_not_block_a_fast_one(agent, demo):
 
 def test_max_clients_answers_busy(agents):
     agent = agents.start("--max-clients", "2")
-    running = [agent.client("sh", "-c", "echo running; exec sleep 30") for _ in range(2)]
+    running = [agent.client("sh", "-c", "echo running; exec sleep 30", options=SPAWN)
+               for _ in range(2)]
     for client in running:
         assert read_line(client.stdout) == "running\n"
     result = agent.run("true")
@@ -323,10 +362,13 @@ def test_max_clients_answers_busy(agents):
 # -- what the command sees ---------------------------------------------------------
 
 
-def test_command_sees_secrets_cwd_umask_and_only_the_clients_environment(agent, tmp_path):
+@both_flows
+def test_command_sees_secrets_cwd_umask_and_only_the_clients_environment(agent, tmp_path,
+                                                                         flow):
     workdir = tmp_path / "work dir"
     workdir.mkdir()
-    seen = probe(agent, cwd=workdir, umask=0o027, env={"CLIENT_ONLY": "from-client"})
+    seen = probe(agent, *flow, cwd=workdir, umask=0o027,
+                 env={"CLIENT_ONLY": "from-client"})
     for name, value in secret_digests().items():
         assert seen["env"].get(name) == value, name
     assert seen["env"].get("CLIENT_ONLY") == sha256("from-client")
@@ -353,14 +395,16 @@ def test_unknown_secret_env_or_app_exits_3(agent, options, fragment):
     assert fragment in result.err and "[not-found]" in result.err
 
 
-def test_command_not_found_exits_127_and_not_executable_126(agent, tmp_path):
-    result = agent.run("no-such-command-ov-test")
+@pytest.mark.parametrize("flow, says", [([], "command not found"),
+                                        (SPAWN, "[exec-failed]")], ids=["in-place", "spawn"])
+def test_command_not_found_exits_127_and_not_executable_126(agent, tmp_path, flow, says):
+    result = agent.run("no-such-command-ov-test", options=flow)
     assert result.returncode == 127, redact(result.err)
-    assert "[exec-failed]" in result.err
+    assert says in result.err
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o644)
-    result = agent.run(str(script))
+    result = agent.run(str(script), options=flow)
     assert result.returncode == 126, redact(result.err)
 
 
@@ -387,8 +431,8 @@ def test_a_scoped_key_works_for_its_app_only(agents, demo, other_app, agent_key)
         assert agent.run("true", options=["--app", other_app]).returncode == 0
 
 
-def test_agent_stop_lets_a_running_command_finish(agent, demo):
-    client = agent.client("sh", "-c", "echo running; sleep 0.5; exit 5")
+def test_agent_stop_lets_a_spawned_command_finish(agent, demo):
+    client = agent.client("sh", "-c", "echo running; sleep 0.5; exit 5", options=SPAWN)
     assert read_line(client.stdout) == "running\n"
     assert demo.ov("agent", "stop", "--pid-file", str(agent.pid_file)).returncode == 0
     assert client.wait(10) == 5
@@ -397,7 +441,7 @@ def test_agent_stop_lets_a_running_command_finish(agent, demo):
 
 def test_agent_stop_after_drain_detaches_a_running_command(agents, demo):
     agent = agents.start("--drain", "0.3")
-    client = agent.client("sh", "-c", "echo $$; sleep 1.5; exit 5")
+    client = agent.client("sh", "-c", "echo $$; sleep 1.5; exit 5", options=SPAWN)
     pid = int(read_line(client.stdout))
     agents.track(pid)
     agent.terminate()
@@ -407,31 +451,163 @@ def test_agent_stop_after_drain_detaches_a_running_command(agents, demo):
     assert pid_gone(pid, zombie_ok=True)
 
 
-@needs_setpriv
-def test_a_root_agent_runs_the_command_as_the_caller(agents, demo):
-    """The command gets the peer's uid and gid, never the root agent's."""
-    base = Path(tempfile.mkdtemp(prefix="ov-caller-", dir="/tmp"))
-    try:
-        os.chmod(base, 0o755)       # pytest's tmp_path is 0700: other uids need a way in
-        agent = agents.start(sock=base / "r" / "a.sock")
-        key = base / "caller.kek"
-        key.write_bytes(demo.key.read_bytes())
-        os.chown(key, 65534, 65534)
-        key.chmod(0o600)
-        os.chmod(agent.socket.parent, 0o711)
-        os.chmod(agent.socket, 0o666)
-        result = subprocess.run(
-            [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", OV, "run",
-             "--agent", "--socket", str(agent.socket), "--machine-key", str(key), "--",
-             "sh", "-c", ('echo "$(id -u) $(id -g) $(id -G)"; '
-                          'printf %s "$API_TOKEN" | sha256sum')],
-            check=False, capture_output=True, timeout=30, cwd=base,
-            env=dict(demo.ov.env, HOME=str(base)))
-        assert result.returncode == 0, redact(result.stderr)
-        ids, token = result.stdout.decode().splitlines()
-        assert ids == "65534 65534 65534"
-        assert token.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
-    finally:
-        agents.cleanup()                      # stop the agent before removing its home
-        shutil.rmtree(base, ignore_errors=True)
 
+
+# -- whose world: in place anywhere, --spawn only in the agent's own ---------------
+
+MARKER_COMMAND = ("sh", "-c", 'touch "$0"')
+
+
+def outside_the_agents_world(kind):
+    """A command prefix that runs the client outside the agent's world."""
+    return {"other-uid": [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups"],
+            "no-new-privs": [SETPRIV, "--no-new-privs"],
+            "mount-namespace": ["unshare", "--mount"],
+            "resource-limit": ["prlimit", "--nofile=64:64"]}[kind]
+
+
+@pytest.fixture
+def shared_place(agents, demo):
+    """An agent, socket and key in a directory other uids can reach (pytest's tmp_path
+    is 0700), with the key readable by uid 65534 (a copy it owns)."""
+    base = Path(tempfile.mkdtemp(prefix="ov-caller-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    key = base / "caller.kek"
+    key.write_bytes(demo.key.read_bytes())
+    key.chmod(0o600)
+    yield base, key
+    agents.cleanup()                     # stop the agent before removing its home
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run_as(prefix, agent, key, *command, options=(), cwd, env):
+    return subprocess.run(
+        [*prefix, OV, "run", "--agent", *options, "--socket", str(agent.socket),
+         "--machine-key", str(key), "--", *command],
+        check=False, capture_output=True, timeout=30, cwd=cwd, env=env)
+
+
+@needs_setpriv
+@pytest.mark.parametrize("kind", ["other-uid", "no-new-privs", "mount-namespace",
+                                  "resource-limit"])
+def test_spawn_outside_the_agents_world_is_refused_and_runs_nothing(agents, demo,
+                                                                     shared_place, kind):
+    base, key = shared_place
+    agent = agents.start("--all-users", sock=base / "r" / "a.sock")
+    os.chmod(agent.socket.parent, 0o711)
+    os.chmod(agent.socket, 0o666)
+    if kind == "other-uid":
+        os.chown(key, 65534, 65534)
+    (base / "out").mkdir(mode=0o777)
+    os.chmod(base / "out", 0o777)         # (the umask took some bits)
+    marker = base / "out" / "ran"
+    env = dict(demo.ov.env, HOME=str(base))
+    prefix = outside_the_agents_world(kind)
+    result = run_as(prefix, agent, key, *MARKER_COMMAND, str(marker), options=SPAWN,
+                    cwd=base, env=env)
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 4, redact(err)
+    assert "[spawn-refused]" in err and "drop --spawn" in err, redact(err)
+    assert {"other-uid": "uid 65534", "no-new-privs": "NoNewPrivs",
+            "mount-namespace": "mount namespace",
+            "resource-limit": "Max open files"}[kind] in err, redact(err)
+    assert not marker.exists(), "a refused --spawn ran its command"
+    # The same caller, in place: the command runs, in the caller's own world.
+    result = run_as(prefix, agent, key, *MARKER_COMMAND, str(marker), cwd=base, env=env)
+    assert result.returncode == 0, redact(result.stderr)
+    assert marker.exists()
+
+
+def test_a_spawned_command_gets_a_session_of_its_own(agent):
+    """Never the agent's session (or terminal): a command that could reach the agent's
+    terminal could push input into it (TIOCSTI) as the agent's user."""
+    result = agent.run("sh", "-c", 'ps -o sid=,tty= -p $$; echo $$', options=SPAWN)
+    assert result.returncode == 0, redact(result.err)
+    (sid, tty), (pid,) = (line.split() for line in result.out.splitlines())
+    assert sid == pid and tty == "?", result.out
+    assert os.getsid(agent.pid) != int(sid)
+
+
+def test_release_needs_nothing_of_the_callers_world_but_the_key(agent):
+    """In place, the agent never looks at cwd, environment or argv beyond argv[0]: a
+    request that carries them is refused, whatever they name."""
+    with Session(agent.socket) as session:
+        req = signed(None, session.challenge, "release")
+        req.update(cwd="/root", mac=None)
+        reply = session.request(req)
+    assert reply["code"] == protocol.E_BAD_REQUEST and "cwd" in reply["message"], reply
+
+
+# A client of another uid sending a signed spawn request with a cwd of its choice.
+FORGED_SPAWN = """\
+import json, socket, sys
+from ovagent import protocol
+path, key, cwd = sys.argv[1:]
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock.connect(path)
+    hello, _ = protocol.recv_frame(sock)
+    req = protocol.new_request("spawn", hello["challenge"], argv=["true"], cwd=cwd)
+    req["mac"] = protocol.sign(protocol.mac_key(bytes.fromhex(key)), req)
+    protocol.send_frame(sock, req, fds=(0, 1, 2))
+    print(json.dumps(protocol.recv_frame(sock)[0]))
+"""
+
+
+@needs_setpriv
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "missing"])
+def test_spawn_from_another_uid_never_touches_its_cwd(agents, demo, shared_place, key,
+                                                      exists):
+    """The attack of issue 12: a spawn request naming another user's private
+    directory as its cwd.  It is refused before any path is resolved, with the same
+    answer whether the directory exists or not."""
+    base, _ = shared_place
+    agent = agents.start("--all-users", sock=base / "r" / "a.sock")
+    os.chmod(agent.socket.parent, 0o711)
+    os.chmod(agent.socket, 0o666)
+    private = base / "private" / ("home" if exists else "nothing-here")
+    if exists:
+        private.mkdir(parents=True, mode=0o700)
+    result = subprocess.run(
+        [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", FORGED_SPAWN, str(agent.socket), key.hex(), str(private)],
+        capture_output=True, timeout=30, cwd=base, stdin=subprocess.DEVNULL)
+    reply = json.loads(result.stdout)
+    assert reply["code"] == protocol.E_SPAWN_REFUSED, reply
+    assert str(private) not in reply["message"] and "private" not in reply["message"]
+    assert "exec-failed" not in agent.log()
+
+
+@needs_setpriv
+def test_an_all_users_agent_releases_to_another_uid(agents, demo, shared_place):
+    base, key = shared_place
+    agent = agents.start("--all-users", sock=base / "r" / "a.sock")
+    os.chmod(agent.socket.parent, 0o711)
+    os.chmod(agent.socket, 0o666)
+    os.chown(key, 65534, 65534)
+    result = run_as(outside_the_agents_world("other-uid"), agent, key, "sh", "-c",
+                    'id -u; printf %s "$API_TOKEN" | sha256sum', cwd=base,
+                    env=dict(demo.ov.env, HOME=str(base)))
+    assert result.returncode == 0, redact(result.stderr)
+    uid, token = result.stdout.decode().splitlines()
+    assert uid == "65534"
+    assert token.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
+
+
+# -- an agent unlocked with the master password --------------------------------------
+
+
+def test_an_interactive_agent_serves_only_spawn_from_its_own_uid(agents, demo):
+    """Nothing to seal with: no machine key.  Unsigned --spawn from the agent's uid
+    works (SO_PEERCRED, as ssh-agent); in place is refused, saying to use --spawn."""
+    agent = agents.start_interactive()
+    result = agent.run("sh", "-c", 'printf %s "$API_TOKEN" | sha256sum', key=False,
+                       options=SPAWN)
+    assert result.returncode == 0, redact(result.err)
+    assert result.out.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
+    result = agent.run("true", key=False)
+    assert result.returncode == 4, redact(result.err)
+    assert "serves only 'ov run --agent --spawn'" in result.err
+    with Session(agent.socket) as session:
+        reply = session.request(signed(None, session.challenge, "release"))
+    assert reply["code"] == protocol.E_AUTH, reply
+    assert "serves only 'ov run --agent --spawn'" in reply["message"]

@@ -58,11 +58,11 @@ def test_pipelined_frames_serve_only_the_first(agent, key):
         assert session.answer() == "closed"
 
 
-def test_trailing_garbage_after_a_run_request_stops_the_command(agent, key, tmp_path):
-    """Bytes after a run request are read as the next frame: not a frame, so the
+def test_trailing_garbage_after_a_spawn_request_stops_the_command(agent, key, tmp_path):
+    """Bytes after a spawn request are read as the next frame: not a frame, so the
     client counts as gone and its command is stopped, not left running unwatched."""
     with Session(agent.socket) as session, open(os.devnull, "r+b") as null:
-        req = signed(key, session.challenge, "run", argv=["sleep", "30"])
+        req = signed(key, session.challenge, "spawn", argv=["sleep", "30"])
         session.send(protocol.encode_frame(req) + b"\x00garbage\xff" * 4,
                      [null.fileno()] * 3)
         assert outcome(session.answer()) == "started"
@@ -83,7 +83,8 @@ def test_deeply_nested_json_is_a_bad_frame(agent):
 @pytest.mark.parametrize("environ", [{"A\u0000B": "c"}, {"": "c"}, {"A": "b\u0000c"}],
                          ids=["nul-in-name", "empty-name", "nul-in-value"])
 def test_nul_or_empty_environment_names_are_refused(agent, key, environ):
-    assert ask(agent, lambda c: signed(key, c, environ=environ)) == "error:bad-request"
+    assert ask(agent, lambda c: signed(key, c, "spawn", environ=environ)) == \
+        "error:bad-request"
 
 
 @pytest.mark.parametrize("mac", ["ab", "0" * 63, "0" * 65, "é" * 64, "", "0" * 10_000],
@@ -93,15 +94,17 @@ def test_macs_of_the_wrong_length_or_alphabet_are_auth_failures(agent, key, mac)
     assert ask(agent, lambda c: dict(signed(key, c), mac=mac)) == "error:auth-failed"
 
 
-@pytest.mark.parametrize("field", ["app", "env", "cwd", "secrets", "argv", "environ"])
+@pytest.mark.parametrize("field", ["app", "env", "cwd", "secrets", "argv", "environ",
+                                   "argv0"])
 def test_strings_no_encoding_can_carry_are_refused(agent, key, field):
     """A lone surrogate (valid JSON, not UTF-8) would break the MAC's encoding or
     exec(): refused as a bad request, never an internal error."""
     bad = "/\ud800" if field == "cwd" else "\ud800"
     value = {"secrets": [bad], "argv": [bad], "environ": {bad: "x"}}.get(field, bad)
+    op = "release" if field == "argv0" else "spawn"
 
     def build(challenge):
-        req = dict(signed(key, challenge), **{field: value})
+        req = dict(signed(key, challenge, op), **{field: value})
         return frame_of(json.dumps(req).encode())
     assert ask(agent, build) == "error:bad-request"
 
@@ -164,8 +167,9 @@ def test_a_frame_replayed_to_a_restarted_agent_is_refused(agents, key):
 
 
 def test_descriptors_sent_with_a_request_are_all_closed(agent, key, tmp_path):
-    """Descriptors that come with a status request, or the wrong number with a run
-    request, are refused and closed: the agent ends up holding none of them."""
+    """Descriptors that come with a status or release request, or the wrong number
+    with a spawn request, are refused and closed: the agent ends up holding none of
+    them."""
     mine = tmp_path / "passed-descriptor"
     mine.touch()
 
@@ -178,7 +182,7 @@ def test_descriptors_sent_with_a_request_are_all_closed(agent, key, tmp_path):
                 pass
         return count
     with open(mine, "r+b") as passed:
-        for op, count in (("status", 5), ("run", 2), ("run", 4)):
+        for op, count in (("status", 5), ("release", 3), ("spawn", 2), ("spawn", 4)):
             assert ask(agent, lambda c, op=op: signed(key, c, op),
                        [passed.fileno()] * count) == "error:bad-request"
     wait_for(lambda: held() == 0, "the agent to close every descriptor we passed")
@@ -215,7 +219,8 @@ def test_more_connections_than_descriptors_neither_spins_nor_loses_the_listener(
 
 
 def test_many_long_running_children_all_report_their_status(agent):
-    clients = [agent.client("sh", "-c", f"sleep 6; exit {n % 7}") for n in range(40)]
+    clients = [agent.client("sh", "-c", f"sleep 6; exit {n % 7}", options=["--spawn"])
+               for n in range(40)]
     wait_for(lambda: "running=40" in agent.status().out, "40 commands running at once",
              interval=0.2)
     for n, client in enumerate(clients):
@@ -227,7 +232,7 @@ def test_a_child_writing_a_gigabyte_costs_the_agent_no_memory(agent):
     """The child writes straight into the client's stdout (passed as a descriptor):
     not a byte goes through the agent."""
     before = agent_rss_kib(agent.pid)
-    client = agent.client("head", "-c", str(1 << 30), "/dev/zero")
+    client = agent.client("head", "-c", str(1 << 30), "/dev/zero", options=["--spawn"])
     total = 0
     while chunk := client.stdout.read(1 << 20):
         total += len(chunk)
@@ -347,8 +352,9 @@ agent.wait()
                     reason="journald runs here: the journal sink would not fail")
 def test_with_no_audit_sink_nothing_runs(agents, demo, tmp_path):
     """Fail-closed: the agent believes it logs to journald (JOURNAL_STREAM), journald
-    is unreachable and stderr is a broken pipe.  The 'accepted' record goes nowhere,
-    so the request is refused and the command never runs."""
+    is unreachable and stderr is a broken pipe.  The 'released' (or, with --spawn,
+    'accepted') record goes nowhere, so nothing is released and the command never
+    runs."""
     sock = tmp_path / "r" / "audit.sock"
     sock.parent.mkdir(mode=0o700)
     marker = tmp_path / "ran"
@@ -360,11 +366,12 @@ def test_with_no_audit_sink_nothing_runs(agents, demo, tmp_path):
         ready, _, _ = select.select([wrapper.stdout], [], [], 20)
         assert ready, "the agent never said ready on stderr"
         pid = int(wrapper.stdout.readline())
-        result = demo.ov("run", "--agent", "--socket", str(sock), "--machine-key",
-                         str(demo.key), "--", "touch", str(marker))
-        assert result.returncode == 6, redact(result.err)
-        assert "audit log unavailable" in result.err and "[internal]" in result.err
-        assert not marker.exists()
+        for flow in ([], ["--spawn"]):
+            result = demo.ov("run", "--agent", *flow, "--socket", str(sock),
+                             "--machine-key", str(demo.key), "--", "touch", str(marker))
+            assert result.returncode == 6, redact(result.err)
+            assert "audit log unavailable" in result.err and "[internal]" in result.err
+            assert not marker.exists()
         os.kill(pid, 0)       # and the agent is still up
     finally:
         wrapper.kill()

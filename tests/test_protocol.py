@@ -1,6 +1,7 @@
 """Denials: the agent's side of the wire protocol (docs/protocol.rst), spoken directly
 with ovagent.protocol against a real agent, plus what crosses the socket."""
 
+import base64
 import collections
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from agent_fixtures import (DEMO_SECRETS, OV, SENTINEL, SETPRIV, RecordingProxy,
 
 
 def outcome(reply):
-    """'status' / 'started' (served), 'error:CODE', or 'closed'."""
+    """'status' / 'released' / 'started' (served), 'error:CODE', or 'closed'."""
     if reply == "closed":
         return "closed"
     if reply["type"] == "error":
@@ -112,11 +114,24 @@ def test_every_bit_flip_of_a_signed_status_request_is_refused(agent, key):
     assert ask(agent, build) == "status"                    # and still does
 
 
-def test_every_bit_flip_of_a_signed_run_request_is_refused(agent, key, null_fds):
-    """A run request with every MAC-covered field set and descriptors attached, so
+def test_every_bit_flip_of_a_signed_release_request_is_refused(agent, key):
+    """A release request with every MAC-covered field set, so a flip that got past
+    authentication would show as 'released'."""
+    def build(challenge):
+        return signed(key, challenge, "release", app="demo", env="production",
+                      secrets=["API_TOKEN"], argv0="/usr/bin/app")
+
+    assert ask(agent, build) == "released"
+    size, outcomes = bit_flip_outcomes(agent, build)
+    assert sum(outcomes.values()) == 8 * size
+    assert ask(agent, build) == "released"
+
+
+def test_every_bit_flip_of_a_signed_spawn_request_is_refused(agent, key, null_fds):
+    """A spawn request with every MAC-covered field set and descriptors attached, so
     a flip that got past authentication would show as 'started'."""
     def build(challenge):
-        return signed(key, challenge, "run", app="demo", env="production",
+        return signed(key, challenge, "spawn", app="demo", env="production",
                       secrets=["API_TOKEN"], argv=["true", "x"], environ={"A": "b"},
                       cwd="/", umask=0o22)
 
@@ -169,7 +184,7 @@ def test_a_second_request_on_one_connection_is_not_served(agent, key):
 def test_a_request_sent_while_a_command_runs_is_not_served(agent, key, null_fds):
     with Session(agent.socket) as session:
         session.send(protocol.encode_frame(signed(
-            key, session.challenge, "run", argv=["sleep", "0.5"])), null_fds)
+            key, session.challenge, "spawn", argv=["sleep", "0.5"])), null_fds)
         assert outcome(session.answer()) == "started"
         session.send(protocol.encode_frame(signed(key, session.challenge)))
         assert session.answer() == {"type": "exit", "code": 0, "signal": None}
@@ -183,7 +198,7 @@ def test_an_oversize_frame_is_refused_before_its_body(agent):
     for length in (2**32 - 1, protocol.MAX_FRAME + 1):
         with Session(agent.socket) as session:
             started = time.monotonic()
-            session.send(b"OV\x01\x00" + length.to_bytes(4, "big"))   # no body follows
+            session.send(frame_of(b"")[:4] + length.to_bytes(4, "big"))  # no body follows
             reply = session.answer(timeout=protocol.FRAME_TIMEOUT / 2)
             assert isinstance(reply, dict) and reply["code"] == "too-large", reply
             assert str(length) in reply["message"]
@@ -218,17 +233,22 @@ def test_malformed_bodies_are_refused(agent, body, code):
     assert ask(agent, raw(body)) == f"error:{code}"
 
 
-@pytest.mark.parametrize("header", [b"XV\x01\x00", b"OV\x02\x00", b"OV\x01\x01",
-                                    b"ov\x01\x00"])
+V = protocol.VERSION
+
+
+@pytest.mark.parametrize("header", [b"XV" + bytes((V, 0)), b"OV" + bytes((V - 1, 0)),
+                                    b"OV" + bytes((V + 1, 0)), b"OV" + bytes((V, 1)),
+                                    b"ov" + bytes((V, 0))])
 def test_bad_magic_version_or_reserved_byte_is_a_bad_frame(agent, key, header):
     def build(challenge):
         return header + protocol.encode_frame(signed(key, challenge))[4:]
     assert ask(agent, build) == "error:bad-frame"
 
 
-def signed_text(key, challenge, replace=None, append="", sub=None):
-    """A validly signed status request as JSON text, then edited textually."""
-    text = protocol.encode_frame(signed(key, challenge))[protocol.HEADER_LEN:].decode()
+def signed_text(key, challenge, replace=None, append="", sub=None, op="spawn"):
+    """A validly signed request (spawn: it has every field) as JSON text, then edited
+    textually."""
+    text = protocol.encode_frame(signed(key, challenge, op))[protocol.HEADER_LEN:].decode()
     if replace:
         assert replace[0] in text
         text = text.replace(*replace)
@@ -242,15 +262,20 @@ def signed_text(key, challenge, replace=None, append="", sub=None):
 
 @pytest.mark.parametrize("edit, code", [
     ({"append": ',"extra":1'}, "bad-request"),                        # unknown field
-    ({"append": ',"op":"run"'}, "bad-frame"),                         # duplicate key
+    ({"append": ',"op":"status"'}, "bad-frame"),                      # duplicate key
     ({"append": ',"mac":null'}, "bad-frame"),                         # duplicate mac
-    ({"replace": ('"umask":18,', '')}, "bad-request"),                # missing field
+    ({"replace": ('"cwd":"/",', '')}, "bad-request"),                 # missing field
     ({"replace": ('"umask":18', '"umask":true')}, "bad-request"),     # bool for int
     ({"replace": ('"umask":18', '"umask":4096')}, "bad-request"),     # out of range
     ({"replace": ('"cwd":"/"', '"cwd":"tmp"')}, "bad-request"),       # relative cwd
-    ({"replace": ('"op":"status"', '"op":"shell"')}, "bad-request"),  # unknown op
+    ({"replace": ('"op":"spawn"', '"op":"shell"')}, "bad-request"),   # unknown op
+    ({"replace": ('"op":"spawn"', '"op":"release"')}, "bad-request"),  # spawn's fields
+    ({"op": "status", "append": ',"app":null'}, "bad-request"),       # release's field
+    ({"op": "release", "append": ',"cwd":"/"'}, "bad-request"),       # spawn's field
+    ({"op": "release", "replace": ('"argv0":"true"', '"argv0":["true"]')},
+     "bad-request"),                                                  # list for str
     ({"replace": ('"environ":{}', '"environ":{"A=B":"c"}')}, "bad-request"),
-    ({"replace": ('"argv":[]', '"argv":["a\\u0000b"]')}, "bad-request"),
+    ({"replace": ('"argv":["true"]', '"argv":["a\\u0000b"]')}, "bad-request"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_schema_violations_are_refused(agent, key, edit, code):
     assert ask(agent, lambda c: signed_text(key, c, **edit)) == f"error:{code}"
@@ -262,9 +287,16 @@ def test_a_nan_timestamp_in_a_signed_request_is_refused(agent, key):
 
 
 @pytest.mark.parametrize("count", [0, 1, 4])
-def test_a_run_request_needs_exactly_three_descriptors(agent, key, count):
+def test_a_spawn_request_needs_exactly_three_descriptors(agent, key, count):
     with open(os.devnull, "r+b") as null:
-        result = ask(agent, lambda c: signed(key, c, "run"), [null.fileno()] * count)
+        result = ask(agent, lambda c: signed(key, c, "spawn"), [null.fileno()] * count)
+    assert result == "error:bad-request"
+
+
+@pytest.mark.parametrize("op", ["release", "status"])
+def test_release_and_status_requests_carry_no_descriptors(agent, key, op):
+    with open(os.devnull, "r+b") as null:
+        result = ask(agent, lambda c: signed(key, c, op), [null.fileno()])
     assert result == "error:bad-request"
 
 
@@ -328,9 +360,13 @@ def test_a_foreign_uid_is_refused_by_a_non_root_agent(agents, demo):
         assert first_frame(0)["type"] == "hello"           # and so is root
         assert "peer_uid=65533" in agent.log() and "code=peer-refused" in agent.log()
         # The real client refuses a socket owned by someone else before connecting.
+        theirs = base / "65533.kek"
+        theirs.write_bytes(demo.key.read_bytes())
+        theirs.chmod(0o600)
+        os.chown(theirs, 65533, 65533)
         result = subprocess.run(
             [SETPRIV, "--reuid=65533", "--regid=65533", "--clear-groups", OV, "run",
-             "--agent", "--socket", str(sock), "--", "true"],
+             "--agent", "--socket", str(sock), "--machine-key", str(theirs), "--", "true"],
             check=False, capture_output=True, timeout=30, cwd=base)
         assert result.returncode == 6
         assert b"is owned by uid 65534, neither you nor root" in result.stderr
@@ -345,9 +381,10 @@ def test_a_foreign_uid_is_refused_by_a_non_root_agent(agents, demo):
 def test_no_secret_key_or_mac_crosses_the_socket_or_reaches_the_log(agent, demo, tmp_path,
                                                                     key):
     """Everything between client and agent goes through a recording proxy (passing
-    the SCM_RIGHTS descriptors on): runs that use every secret, a status request,
-    refusals.  Neither direction may carry a secret value or the machine key; no
-    answer and no log line may carry a MAC or the MAC subkey."""
+    the SCM_RIGHTS descriptors on): runs in place and with --spawn that use every
+    secret, a status request, refusals.  Neither direction may carry a secret value
+    or the machine key (released secrets travel sealed); no answer and no log line
+    may carry a MAC or the MAC subkey."""
     proxy = RecordingProxy(tmp_path / "p.sock", agent.socket)
     via = tmp_path / "p.sock"
     try:
@@ -356,16 +393,21 @@ def test_no_secret_key_or_mac_crosses_the_socket_or_reaches_the_log(agent, demo,
         assert result.returncode == 3
         assert result.out.split()[0] == sha256(DEMO_SECRETS["DB_URL"])
         assert result.err.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
+        spawned = agent.run("sh", "-c", 'printf %s "$DB_URL" | sha256sum', via=via,
+                            options=["--spawn"])
+        assert spawned.out.split()[0] == sha256(DEMO_SECRETS["DB_URL"])
         assert agent.run("true", options=["--secrets", "DB_URL"], via=via).returncode == 0
         assert agent.run("true", options=["--secrets", "NOPE"], via=via).returncode == 3
         assert agent.run("no-such-command-ov", via=via).returncode == 127
         assert agent.run("true", key=wrong_key(tmp_path / "w.kek"), via=via).returncode == 4
         assert agent.status(via=via).returncode == 0
-        wait_for(lambda: agent.log().count("exited:") >= 2, "the runs' audit records")
+        wait_for(lambda: agent.log().count("released:") >= 3 and
+                 agent.log().count("exited:") >= 1, "the runs' audit records")
         proxy.join()                          # every relayed connection has ended
     finally:
         proxy.close()
-    assert proxy.fds_relayed >= 3 * 3
+    assert proxy.fds_relayed == 3
+    assert bytes(proxy.to_client).count(b'"type":"released"') >= 3
     to_agent, to_client = bytes(proxy.to_agent), bytes(proxy.to_client)
     log = agent.log_path.read_bytes()
     subkey = protocol.mac_key(key)
@@ -395,3 +437,145 @@ def _macs(stream):
             macs.append(frame["mac"])
         offset += protocol.HEADER_LEN + length
     return macs
+
+
+# -- the sealed reply, from the client's side -----------------------------------------
+
+
+def frames_of(stream):
+    """The frames of a recorded byte stream, as raw bytes each."""
+    frames, offset = [], 0
+    while offset + protocol.HEADER_LEN <= len(stream):
+        end = offset + protocol.HEADER_LEN + int.from_bytes(stream[offset + 4:offset + 8],
+                                                            "big")
+        frames.append(stream[offset:end])
+        offset = end
+    return frames
+
+
+class FakeAgent:
+    """A socket that answers each connection like an agent, with frames of the test's
+    choosing: *hello* (raw frame bytes), then reply(request) (raw bytes)."""
+
+    def __init__(self, path, hello, reply):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.hello, self.reply = hello, reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(self.hello)
+                try:
+                    request, fds = protocol.recv_frame(conn, want_fds=True)
+                except (EOFError, protocol.ProtocolError, OSError):
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                conn.sendall(self.reply(request))
+
+    def close(self):
+        self.listener.close()
+
+
+def captured_release(agent, tmp_path):
+    """The agent's (hello, released) frames of one real in-place run, recorded."""
+    proxy = RecordingProxy(tmp_path / "rec.sock", agent.socket)
+    try:
+        result = agent.run("true", via=tmp_path / "rec.sock")
+        assert result.returncode == 0, redact(result.err)
+        proxy.join()
+    finally:
+        proxy.close()
+    hello, released = frames_of(bytes(proxy.to_client))
+    assert b'"type":"released"' in released
+    return hello, released
+
+
+def fresh_hello():
+    return protocol.encode_frame({"type": "hello", "version": protocol.VERSION,
+                                  "agent": "fake", "challenge": os.urandom(32).hex()})
+
+
+def flip_sealed(released, bit):
+    frame = protocol.decode_body(released[protocol.HEADER_LEN:])
+    sealed = bytearray(base64.b64decode(frame["sealed"]))
+    sealed[bit // 8 % len(sealed)] ^= 1 << (bit % 8)
+    return protocol.encode_frame(dict(frame, sealed=base64.b64encode(sealed).decode()))
+
+
+def cut_sealed(released, keep):
+    frame = protocol.decode_body(released[protocol.HEADER_LEN:])
+    sealed = base64.b64decode(frame["sealed"])[:keep]
+    return protocol.encode_frame(dict(frame, sealed=base64.b64encode(sealed).decode()))
+
+
+TAMPERINGS = {
+    # The whole recorded answer replayed to a new connection: the old challenge, so
+    # the client's request differs (its nonce) and the seal is for another request.
+    "replayed-whole": lambda hello, released: (hello, lambda req: released),
+    # A fresh challenge, then the recorded seal.
+    "replayed-seal": lambda hello, released: (fresh_hello(), lambda req: released),
+    "bit-flipped": lambda hello, released: (hello, lambda req: flip_sealed(released, 77)),
+    "truncated": lambda hello, released: (hello, lambda req: cut_sealed(released, 20)),
+    "without-tag": lambda hello, released: (hello, lambda req: cut_sealed(released, -32)),
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
+def test_a_forged_or_replayed_sealed_reply_runs_nothing(agent, tmp_path, tampering):
+    """Whoever answers on the socket, only a reply sealed to this very request opens:
+    a replayed, cut or flipped one is refused before any byte of it is used, and the
+    command never runs."""
+    hello, released = captured_release(agent, tmp_path)
+    fake = FakeAgent(tmp_path / "fake.sock", *TAMPERINGS[tampering](hello, released))
+    marker = tmp_path / "ran"
+    try:
+        result = agent.run("touch", str(marker), via=tmp_path / "fake.sock")
+    finally:
+        fake.close()
+    assert result.returncode == 6, redact(result.err)
+    assert "refusing the agent's answer" in result.err, redact(result.err)
+    assert "Traceback" not in result.err
+    assert not marker.exists()
+
+
+def test_a_reply_sealed_for_another_key_runs_nothing(agent, demo, tmp_path):
+    """The agent holds the unscoped key; a client signing with the key scoped to the
+    app gets a reply only that scoped key opens.  Opening it with another key (the
+    reply replayed to a holder of a different key) fails."""
+    hello, released = captured_release(agent, tmp_path)
+    fake = FakeAgent(tmp_path / "fake.sock", hello, lambda req: released)
+    try:
+        result = agent.run("touch", str(tmp_path / "ran"), key=demo.scoped_key,
+                           via=tmp_path / "fake.sock")
+    finally:
+        fake.close()
+    assert result.returncode == 6 and "refusing the agent's answer" in result.err
+    assert not (tmp_path / "ran").exists()
+
+
+BROKEN_JSON = """
+from ovagent import protocol
+try:
+    protocol.decode_body(b'{"type"z"request"}')
+except protocol.ProtocolError as exc:
+    print(exc.code)
+"""
+
+
+def test_broken_json_is_a_bad_frame_where_json_was_never_imported():
+    """Python 3.11's _json reports some syntax errors through json.decoder, which it
+    looks up without importing: the client, which never imports json, got a
+    SystemError (found by tests/fuzz_frames.py)."""
+    result = subprocess.run([sys.executable, "-S", "-c", BROKEN_JSON], capture_output=True,
+                            text=True, timeout=30, env=dict(
+                                os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    assert (result.returncode, result.stdout.strip()) == (0, "bad-frame"), result.stderr

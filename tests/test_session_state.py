@@ -1,13 +1,15 @@
 """A hypothesis state machine over sessions with one real agent: connect, send valid,
-forged and garbage requests, replay captured frames (same connection, new
-connection, after a restart), step the client's clock.
+forged and garbage release and spawn requests, replay captured frames (same
+connection, new connection, after a restart), step the client's clock.
 
 Invariants after every step: the agent is alive; the commands that ran are exactly
-the valid, fresh requests the model sent (each command appends a line to a marker
-file); no response and no line of the agent's log holds a secret value, the key or
-a MAC the test sent.
+the valid, fresh spawn requests the model sent (each command appends a line to a
+marker file); secrets were released exactly to the valid, fresh release requests,
+sealed so that they open with the request's key; no response and no line of the
+agent's log holds a secret value, the key or a MAC the test sent.
 """
 
+import base64
 import os
 import time
 
@@ -17,6 +19,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
 from agent_fixtures import DEMO_SECRETS, SENTINEL, Session, protocol, redact, signed
+from ovagent import seal
+
+OPS = st.sampled_from(["spawn", "release"])
+SERVED = {"spawn": "started", "release": "released"}
 
 # The client reads its clock, the agent reads its own a little later: allow this much
 # between the two before deciding that a timestamp must have been accepted or refused.
@@ -45,7 +51,8 @@ def test_sessions_keep_their_invariants(agents, demo, tmp_path):
     key = demo.key.read_bytes()
     marker = tmp_path / "spawned"
     marker.touch()
-    state = {"agent": agents.start(), "spawns": 0, "frames": [], "replies": [], "macs": []}
+    state = {"agent": agents.start(), "spawns": 0, "releases": 0, "frames": [],
+             "replies": [], "macs": []}
     null = os.open(os.devnull, os.O_RDWR)
     forbidden = [SENTINEL, key.hex(), protocol.mac_key(key).hex()] + \
         [value for value in DEMO_SECRETS.values() if len(value) >= 6]
@@ -55,20 +62,30 @@ def test_sessions_keep_their_invariants(agents, demo, tmp_path):
             super().__init__()
             self.skew = 0
 
-        def _run_request(self, session, signing_key=key):
+        def _request(self, session, op, signing_key=key):
             sent_at = time.time()
-            req = signed(signing_key, session.challenge, "run",
-                         argv=["/bin/sh", "-c", f"echo x >> {marker}"],
-                         environ={"PATH": "/usr/bin:/bin"}, cwd="/")
+            if op == "spawn":
+                req = signed(signing_key, session.challenge, op,
+                             argv=["/bin/sh", "-c", f"echo x >> {marker}"],
+                             environ={"PATH": "/usr/bin:/bin"}, cwd="/")
+            else:
+                req = signed(signing_key, session.challenge, op, argv0="/bin/sh")
             req["ts"] = int(sent_at) + self.skew
             if signing_key is not None:
                 req["mac"] = protocol.sign(protocol.mac_key(signing_key), req)
                 state["macs"].append(req["mac"])
             return req, sent_at
 
-        def _finish(self, session, reply):
-            """Record the reply; after 'started', wait for the exit and count a spawn."""
+        def _finish(self, session, reply, req=None):
+            """Record the reply; after 'started', wait for the exit and count a spawn;
+            a 'released' reply must open with the key of *req* and count a release."""
             state["replies"].append(repr(reply))
+            if kind(reply) == "released":
+                sealed = base64.b64decode(reply["sealed"])
+                values = seal.decode_secrets(seal.open_sealed(protocol.mac_key(key), req,
+                                                              sealed))
+                assert values == {n: v.encode() for n, v in DEMO_SECRETS.items()}
+                state["releases"] += 1
             if kind(reply) != "started":
                 return kind(reply)
             end = session.answer(timeout=10)
@@ -77,37 +94,38 @@ def test_sessions_keep_their_invariants(agents, demo, tmp_path):
             state["spawns"] += 1
             return "started"
 
-        @rule(replay_here=st.booleans())
-        def valid_request(self, replay_here):
+        @rule(op=OPS, replay_here=st.booleans())
+        def valid_request(self, op, replay_here):
+            fds = [null] * 3 if op == "spawn" else []
             with Session(state["agent"].socket) as session:
-                req, sent_at = self._run_request(session)
+                req, sent_at = self._request(session, op)
                 frame = protocol.encode_frame(req)
-                session.send(frame, [null] * 3)
-                got = self._finish(session, session.answer(timeout=10))
+                session.send(frame, fds)
+                got = self._finish(session, session.answer(timeout=10), req)
                 freshness = expected_freshness(sent_at, req["ts"])
                 if freshness == "fresh":
-                    assert got == "started", (self.skew, got)
+                    assert got == SERVED[op], (self.skew, got)
                 elif freshness == "stale":
                     assert got == "error:stale", (self.skew, got)
                 else:
-                    assert got in ("started", "error:stale"), (self.skew, got)
-                state["frames"].append(frame)
-                if replay_here and got == "started":
-                    session.send(frame, [null] * 3)      # same connection: not served
+                    assert got in (SERVED[op], "error:stale"), (self.skew, got)
+                state["frames"].append((frame, fds))
+                if replay_here and got == SERVED[op]:
+                    session.send(frame, fds)             # same connection: not served
                     assert self._finish(session, session.answer()) == "closed"
 
-        @rule(forgery=st.sampled_from(["wrong-key", "unsigned", "flipped-mac",
-                                       "other-challenge"]))
-        def forged_request(self, forgery):
+        @rule(op=OPS, forgery=st.sampled_from(["wrong-key", "unsigned", "flipped-mac",
+                                               "other-challenge"]))
+        def forged_request(self, op, forgery):
             with Session(state["agent"].socket) as session:
-                req, _ = self._run_request(
-                    session, os.urandom(32) if forgery == "wrong-key" else
+                req, _ = self._request(
+                    session, op, os.urandom(32) if forgery == "wrong-key" else
                     None if forgery == "unsigned" else key)
                 if forgery == "flipped-mac":
                     req["mac"] = ("0" if req["mac"][0] != "0" else "1") + req["mac"][1:]
                 if forgery == "other-challenge":
                     req["challenge"] = "f" * len(req["challenge"])
-                session.send(protocol.encode_frame(req), [null] * 3)
+                session.send(protocol.encode_frame(req), [null] * 3 if op == "spawn" else [])
                 assert self._finish(session, session.answer()) in (
                     "error:auth-failed", "error:stale"), forgery
 
@@ -117,9 +135,9 @@ def test_sessions_keep_their_invariants(agents, demo, tmp_path):
             (An index, not sampled_from: the list grows outside hypothesis' view.)"""
             if not state["frames"]:
                 return
-            frame = state["frames"][pick % len(state["frames"])]
+            frame, fds = state["frames"][pick % len(state["frames"])]
             with Session(state["agent"].socket) as session:
-                session.send(frame, [null] * 3)
+                session.send(frame, fds)
                 assert self._finish(session, session.answer()) in (
                     "error:auth-failed", "error:stale")
 
@@ -159,6 +177,7 @@ def test_sessions_keep_their_invariants(agents, demo, tmp_path):
             max_examples=25, stateful_step_count=15, deadline=None))
     finally:
         os.close(null)
-    assert state["spawns"] > 0, "the machine never ran a valid request"
-    print(f"session machine: {state['spawns']} commands, {len(state['replies'])} replies, "
-          f"{len(agents.agents)} agent starts")
+    assert state["spawns"] > 0 and state["releases"] > 0, \
+        "the machine never ran a valid spawn and release request"
+    print(f"session machine: {state['spawns']} commands, {state['releases']} releases, "
+          f"{len(state['replies'])} replies, {len(agents.agents)} agent starts")

@@ -110,8 +110,8 @@ def test_catalog_compiles_and_covers_every_message_id(tmp_path):
 def test_catalog_substitutes_only_fields_the_agent_sends():
     text = (UNITS / "ov-agent.catalog").read_text()
     sent = {"MESSAGE", "MODE", "SCOPE", "SOCKET", "HARDENING", "REQUEST_ID", "OP", "APP",
-            "ENV", "ARGV0", "SECRETS", "PEER_PID", "PEER_UID", "PEER_GID", "PEER_UNIT",
-            "CODE", "REASON", "CHILD_PID", "EXIT_STATUS", "OUTCOME", "RUNNING"}
+            "ENV", "COMMAND", "SECRETS", "VERSIONS", "PEER_PID", "PEER_UID", "PEER_GID",
+            "PEER_UNIT", "CODE", "REASON", "CHILD_PID", "EXIT_STATUS", "OUTCOME", "RUNNING"}
     used = set(re.findall(r"@([A-Z0-9_]+)@", text))
     assert used <= sent, used - sent
 
@@ -145,8 +145,12 @@ def test_group_and_socket_directory_come_from_sysusers_and_tmpfiles():
     assert re.search(rf"^d {re.escape(directory)} 0750 root {group} -$", tmpfiles, re.M)
 
 
-@pytest.mark.parametrize("files", [SYSTEM, USER], ids=["system", "user"])
-def test_service_starts_without_a_key_and_keeps_commands_on_restart(files):
+@pytest.mark.parametrize("files, kill_mode", [(SYSTEM, []), (USER, ["process"])],
+                         ids=["system", "user"])
+def test_service_starts_without_a_key_and_keeps_commands_on_restart(files, kill_mode):
+    """The user agent may spawn commands (--spawn from the user's world): a restart
+    must not kill them.  The system agent spawns nothing (no caller shares its
+    sandbox), so stopping it may stop everything in its cgroup."""
     service = units(files)["ov-agent.service"]
     [exec_start] = directive(service, "ExecStart")
     assert exec_start.startswith("/usr/bin/ov agent start --foreground")
@@ -157,7 +161,7 @@ def test_service_starts_without_a_key_and_keeps_commands_on_restart(files):
     # and ov reads it as "no key" (unconfigured mode instead of a failed start).
     assert directive(service, "SetCredential") == [
         f"{keyfile.CREDENTIAL_NAME}:{keyfile.NO_KEY_PLACEHOLDER.decode()}"]
-    assert directive(service, "KillMode") == ["process"]
+    assert directive(service, "KillMode") == kill_mode
     assert directive(service, "Restart") == ["on-failure"]
     assert directive(service, "WatchdogSec")
     assert directive(service, "Requires") == ["ov-agent.socket"]
@@ -166,6 +170,20 @@ def test_service_starts_without_a_key_and_keeps_commands_on_restart(files):
     drain = float(re.search(r"--drain (\d+)", exec_start).group(1))
     stop = directive(service, "TimeoutStopSec")[0]
     assert float(stop.rstrip("s")) > drain, "TimeoutStopSec= must cover --drain"
+
+
+def test_system_service_runs_unprivileged():
+    """Nothing to spawn for other users, so nothing to be root for: its own user, no
+    capabilities, no network, Unix sockets only (issue 12)."""
+    service = units(SYSTEM)["ov-agent.service"]
+    assert directive(service, "User") == ["_ov-agent"]
+    assert directive(service, "CapabilityBoundingSet") == [""]
+    assert directive(service, "PrivateNetwork") == ["yes"]
+    assert directive(service, "RestrictAddressFamilies") == ["AF_UNIX"]
+    assert "--all-users" in directive(service, "ExecStart")[0]
+    sysusers = (UNITS / "sysusers.d" / "ov-agent.conf").read_text()
+    assert re.search(r"^u _ov-agent - .* /var/lib/ov ", sysusers, re.M), sysusers
+    assert directive(service, "StateDirectory") == ["ov"]
 
 
 def test_system_service_key_and_keyless_start():

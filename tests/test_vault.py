@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 from conftest import PASSWORD, SENTINEL
 from ovagent import canonical, crypto
 from ovagent.errors import AuthError, IntegrityError, NotFoundError, UsageError
-from ovagent.validate import MAX_VALUE_BYTES, check_name, check_slug, check_value
+from ovagent.validate import (MAX_VALUE_BYTES, check_name, check_slug, check_value, is_name,
+                              is_slug)
 from ovagent.vault import Vault
 
 APPS = ("demo", "other")
@@ -633,3 +635,20 @@ def test_value_limits_never_echo_the_value():
         with pytest.raises(UsageError) as caught:
             check_value("A", value)
         assert SENTINEL not in str(caught.value) and "A" in str(caught.value)
+
+
+# -- names and slugs: validated without the regex engine (client start-up) ---------
+
+SLUG_RE = r"[a-z0-9][a-z0-9-]{0,61}[a-z0-9]|[a-z0-9]"
+NAME_RE = r"[A-Za-z_][A-Za-z0-9_]{0,254}"
+CANDIDATES = st.one_of(
+    st.text(alphabet="az09-_AZ\u00e9\u0660\n ", max_size=70),
+    st.text(max_size=8),
+    st.builds(lambda n, c: c * n, st.integers(0, 300), st.sampled_from("aZ_9-")))
+
+
+@given(CANDIDATES)
+@settings(max_examples=2000)
+def test_slug_and_name_checks_agree_with_their_regular_expressions(text):
+    assert is_slug(text) == bool(re.fullmatch(SLUG_RE, text))
+    assert is_name(text) == bool(re.fullmatch(NAME_RE, text))
