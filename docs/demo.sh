@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on a throwaway vault: create a vault and a machine key,
-# store a secret, start the agent, and let it run a command with that secret through
-# `ov run --agent`.  The value never crosses the agent's socket; only the exit
-# status comes back.  Everything lives in a temporary directory removed at exit.
+# store a secret, start the agent, and run a command with that secret through
+# `ov run --agent`: the agent releases it sealed to the signed request, and ov execs
+# the command in place (same pid).  The value never crosses the agent's socket in the
+# clear.  Everything lives in a temporary directory removed at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/bootstrap.sh debian            # installs what is missing (apt, venv)
@@ -40,17 +41,18 @@ step ov agent start --machine-key "$key" --app demo --socket "$sock"
 
 step ov run --agent --secrets DATABASE_URL -- sh -c '...'
 "$OV" run --agent --socket "$sock" --machine-key "$key" --secrets DATABASE_URL -- \
-    sh -c 'echo "child pid $$ sees DATABASE_URL: ${#DATABASE_URL} characters, sha256 $(printf %s "$DATABASE_URL" | sha256sum | cut -c1-16)..."; exit 3' \
+    sh -c 'echo "pid $$ (ov itself, now the command) sees DATABASE_URL: ${#DATABASE_URL} characters, sha256 $(printf %s "$DATABASE_URL" | sha256sum | cut -c1-16)..."; exit 3' \
     && status=0 || status=$?
-echo "ov run --agent exited with the command's status: $status"
+echo "exit status (the command's own): $status"
 
-step "ov run --agent -- sh -c 'kill -TERM \$\$'   # death by signal N → 128+N"
-"$OV" run --agent --socket "$sock" --machine-key "$key" -- sh -c 'kill -TERM $$' \
+step ov run --agent --spawn -- sh -c '...'   "# the agent runs it; same user, same world"
+"$OV" run --agent --spawn --socket "$sock" --machine-key "$key" -- \
+    sh -c 'echo "pid $$, started by the agent, exits with 4"; exit 4' \
     && status=0 || status=$?
-echo "exit status: $status"
+echo "exit status relayed by the agent: $status"
 
 step ov agent status '&&' ov agent stop
 "$OV" agent status --machine-key "$key" --socket "$sock"
 "$OV" agent stop --pid-file "$work/run/ov-agent.pid"
 echo
-echo "Demo done: the agent decrypted and spawned the commands; no plaintext crossed its socket."
+echo "Demo done: the agent released the secret sealed to each signed request; no plaintext crossed its socket."
