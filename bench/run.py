@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark ``ov run --agent`` and ``ov agent``; print ONE table.
 
+Both flows of protocol version 2 are measured: ``release`` (``ov run --agent``: the
+agent answers with the secrets sealed to the signed request, the client execs the
+command in place) and ``spawn`` (``ov run --agent --spawn``: the agent runs the
+command with the client's fds and reports its exit status).
+
 Usage (from the repository root; see bench/README.rst)::
 
     python3 bench/run.py                # full run, about 2-3 minutes
@@ -22,8 +27,8 @@ ratio reported is the median of the per-round ratios.
 """
 
 import argparse
-import array
 import atexit
+import binascii
 import itertools
 import json
 import os
@@ -49,11 +54,12 @@ APP, ENV = "demo", "production"
 ONE = "SECRET_00007"          # present in every generated vault
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Targets from issue #7 (on this 2-core machine); every other row is information.
+# Targets from issue #12 (on this 2-core machine); every other row is information.
+# The client and N=32 targets are those of the release flow (``ov run --agent``).
 TARGETS = {
-    "ratio_agent_floor": (2.5, "le", "≤ 2.5x"),
-    "client_agent_ms": (None, None, "≤ 2.5x floor (see ratio)"),
-    "runs_per_s_n32": (500.0, "ge", "≥ 500/s"),
+    "ratio_agent_floor": (2.0, "le", "≤ 2.0x"),
+    "client_agent_ms": (None, None, "≤ 2.0x floor (see ratio)"),
+    "requests_per_s_n32": (1000.0, "ge", "≥ 1,000/s"),
     "p99_n32_ms": (50.0, "lt", "< 50 ms"),
     "cold_ms": (300.0, "lt", "< 300 ms"),
     "rss_idle_mib": (40.0, "lt", "< 40 MiB"),
@@ -172,6 +178,7 @@ class Bench:
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.client_err = self.tmp / "client-stderr.log"
         self.protocol = None
+        self.seal = None
         self.subkey = None
         self.ran_load = False
 
@@ -222,9 +229,10 @@ class Bench:
         subprocess.run([str(self.venv / "bin" / "pip"), "install", "-q", "--no-deps",
                         "--no-build-isolation", str(self.src)], check=True, timeout=300,
                        stdout=subprocess.DEVNULL)
-        sys.path.insert(0, str(self.src))  # the load generator speaks ovagent.protocol
-        from ovagent import protocol
-        self.protocol = protocol
+        # The load generator speaks the protocol with the project's own codec.
+        sys.path.insert(0, str(self.src))
+        from ovagent import protocol, seal
+        self.protocol, self.seal = protocol, seal
         return time.perf_counter() - t0
 
     def build_vaults(self, sizes):
@@ -326,25 +334,60 @@ class Bench:
         data = json.loads(out.read_text())
         return {r["command"]: r["times"] for r in data["results"]}
 
-    def request(self, sock_path, secrets=None):
-        """One request spoken directly (connect .. exit); returns seconds."""
+    def open_released(self, req, frame, expect=None):
+        """The secrets (name -> bytes) of a 'released' frame answering *req*: the seal
+        opened with the request's subkey (seal.open_sealed checks its tag first) and
+        decoded.  Raises ValueError (or seal.SealError) when it does not open, or
+        holds another number of secrets than *expect*."""
+        if not isinstance(frame.get("request_id"), str):
+            raise ValueError("released frame without a request_id")
+        sealed = binascii.a2b_base64(frame["sealed"], strict_mode=True)
+        values = self.seal.decode_secrets(self.seal.open_sealed(self.subkey, req, sealed))
+        if expect is not None and len(values) != expect:
+            raise ValueError(f"{len(values)} secrets released, expected {expect}")
+        return values
+
+    def signed_request(self, sock, op, **fields):
+        """hello in, then a request of *op* signed for its challenge (not sent yet)."""
+        p = self.protocol
+        hello, _ = p.recv_frame(sock, timeout=60)
+        if hello["type"] != "hello":
+            raise SystemExit(f"bench: agent answered {hello}")
+        req = p.new_request(op, hello["challenge"], **fields)
+        req["mac"] = p.sign(self.subkey, req)
+        return req
+
+    def request(self, sock_path, secrets=None, expect=None):
+        """One release spoken directly (connect .. 'released', seal opened and its
+        secrets counted); returns seconds."""
         p = self.protocol
         t0 = time.perf_counter()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(60)
             sock.connect(sock_path)
-            hello, _ = p.recv_frame(sock, timeout=60)
-            req = p.new_request("run", hello["challenge"], secrets=secrets,
-                                argv=["/bin/true"], environ=self.env(), cwd=str(self.home))
-            req["mac"] = p.sign(self.subkey, req)
-            p.send_frame(sock, req, fds=(self.devnull,) * 3)
-            for expected in ("started", "exit"):
-                frame, _ = p.recv_frame(sock, timeout=60)
-                if frame["type"] != expected:
-                    raise SystemExit(f"bench: agent answered {frame}")
-        if frame["code"] != 0:
-            raise SystemExit(f"bench: /bin/true exited {frame}")
+            req = self.signed_request(sock, "release", secrets=secrets,
+                                      argv0="/bin/true")
+            p.send_frame(sock, req)
+            frame, _ = p.recv_frame(sock, timeout=60)
+            if frame["type"] != "released":
+                raise SystemExit(f"bench: agent answered {frame}")
+        try:
+            self.open_released(req, frame, expect)
+        except (ValueError, KeyError, TypeError, self.seal.SealError) as exc:
+            raise SystemExit(f"bench: bad released frame: {exc}") from None
         return time.perf_counter() - t0
+
+    def status(self, sock_path):
+        """The agent's 'status' frame (a signed status request)."""
+        p = self.protocol
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)
+            sock.connect(sock_path)
+            p.send_frame(sock, self.signed_request(sock, "status"))
+            frame, _ = p.recv_frame(sock, timeout=60)
+        if frame["type"] != "status":
+            raise SystemExit(f"bench: agent answered {frame}")
+        return frame
 
 
 def wait_for_line(path, needle, proc, timeout):
@@ -363,11 +406,12 @@ def wait_for_line(path, needle, proc, timeout):
 
 
 def proc_cpu(pid):
-    """(self seconds, reaped-children seconds) of a process, from /proc/PID/stat."""
+    """(self seconds, reaped-children seconds, self seconds in the kernel) of a
+    process, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as handle:
         rest = handle.read().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
-    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK, stime / CLK_TCK
 
 
 def host_cpu():
@@ -390,23 +434,30 @@ PERF_EVENTS = ("task-clock", "context-switches", "cpu-migrations", "page-faults"
                "syscalls:sys_enter_futex")
 
 
+def while_watched(argv, driver, settle):
+    """driver()'s result, run while a profiler (argv: perf stat/record -p PID) watches;
+    the profiler gets *settle* seconds to attach and SIGINT once driver() is done."""
+    watcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(settle)
+    try:
+        return driver()
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        try:
+            watcher.wait(60)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            watcher.wait()
+
+
 def perf_stat(pid, driver, out):
     """Run driver() under ``perf stat -p pid`` (counting, cheap; follows new threads
     and children).  Returns (driver result, {event: count}) or (result, None) when
     perf is missing or refuses."""
     if shutil.which("perf") is None:
         return driver(), None
-    perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(PERF_EVENTS),
-                             "-p", str(pid), "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    result = driver()
-    perf.send_signal(signal.SIGINT)
-    try:
-        perf.wait(20)
-    except subprocess.TimeoutExpired:
-        perf.kill()
-        perf.wait()
+    result = while_watched(["perf", "stat", "-x", ",", "-e", ",".join(PERF_EVENTS),
+                            "-p", str(pid), "-o", str(out)], driver, settle=0.3)
     counts = {}
     try:
         for line in out.read_text().splitlines():
@@ -424,25 +475,71 @@ def perf_stat(pid, driver, out):
 # -- the load generator: one process, one thread, non-blocking sockets ------------------
 
 
-class LoadGenerator:
-    """N concurrent connections, each: connect, hello, signed request + 3 fds,
-    'started', 'exit'; then a new connection.  A selectors loop in one thread (no
-    GIL contention); its own CPU per request is reported so a saturated generator
-    shows."""
+def split_frames(protocol, buf):
+    """The complete frames at the start of *buf* (a bytearray, consumed), each header
+    checked as protocol.recv_frame checks it and each body parsed by
+    protocol.decode_body.  Raises protocol.ProtocolError on a bad header."""
+    frames = []
+    head = protocol.HEADER_LEN
+    while len(buf) >= head:
+        if (buf[:2] != protocol.MAGIC or buf[2] != protocol.VERSION or buf[3] != 0):
+            raise protocol.ProtocolError(protocol.E_BAD_FRAME, "bad frame header")
+        length = int.from_bytes(buf[4:head], "big")
+        if len(buf) < head + length:
+            break
+        frames.append(protocol.decode_body(bytes(buf[head:head + length])))
+        del buf[:head + length]
+    return frames
 
-    def __init__(self, bench, sock_path, secrets=None):
-        self.b, self.path, self.secrets = bench, sock_path, secrets
-        self.environ = bench.env()
-        self.cwd = str(bench.home)
-        self.fds = array.array("i", [bench.devnull] * 3)
+
+class LoadGenerator:
+    """N concurrent connections, one request each, then a new connection.
+
+    op "release" (``ov run --agent``): connect, 'hello', a signed release request
+    (no fds), 'released'; the seal is opened with the request's subkey and its
+    secrets counted (*expect*), so a reply that does not open is an error, not a
+    request served.  op "spawn" (``ov run --agent --spawn``): connect, 'hello', a
+    signed spawn request of /bin/true carrying 3 fds (/dev/null), 'started', 'exit'
+    (status 0).  A selectors loop in one thread (no GIL contention); its own CPU per
+    request is reported so a saturated generator shows.  Latency runs from connect()
+    to the last frame's arrival (before the seal is opened)."""
+
+    def __init__(self, bench, sock_path, op="release", secrets=None, expect=None):
+        self.b, self.path, self.op, self.expect = bench, sock_path, op, expect
+        if op == "release":
+            self.fields = {"secrets": secrets, "argv0": "/bin/true"}
+            self.fds, self.replies = (), ("released",)
+        elif op == "spawn":
+            self.fields = {"secrets": secrets, "argv": ["/bin/true"],
+                           "environ": bench.env(), "cwd": str(bench.home),
+                           "umask": 0o022}
+            self.fds, self.replies = (bench.devnull,) * 3, ("started", "exit")
+        else:
+            raise ValueError(op)
+
+    def check(self, req, frame):
+        """None if the last frame is a success, else an error label."""
+        if self.op == "spawn":
+            return None if frame.get("code") == 0 else f"exit {frame.get('code')}"
+        try:
+            self.b.open_released(req, frame, self.expect)
+        except self.b.seal.SealError:
+            return "seal does not open"
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"bad released frame: {exc}"
+        return None
 
     def run(self, concurrency, duration=None, count=None):
         p = self.b.protocol
+        subkey = self.b.subkey
         sel = selectors.DefaultSelector()
         lat, errors = [], Counter()
-        launched = done = 0
+        launched = 0
         deadline = None if duration is None else time.perf_counter() + duration
-        state = {}
+        state = {}   # socket -> [buffer, next expected frame type, t0, request]
+        last = self.replies[-1]
+        after = {"hello": self.replies[0]}
+        after.update(zip(self.replies, self.replies[1:]))
 
         def want_more():
             if count is not None:
@@ -461,18 +558,42 @@ class LoadGenerator:
                 sock.close()
                 return False
             launched += 1
-            state[sock] = [bytearray(), "hello", t0]
+            state[sock] = [bytearray(), "hello", t0, None]
             sel.register(sock, selectors.EVENT_READ)
             return True
 
         def finish(sock, error=None):
-            nonlocal done
             sel.unregister(sock)
             del state[sock]
             sock.close()
             if error:
                 errors[error] += 1
-            done += 1
+
+        def on_frame(sock, st, frame):
+            """Advance one connection; False once it is finished."""
+            kind = frame["type"]
+            if kind == "error":
+                finish(sock, frame.get("code"))
+                return False
+            if kind != st[1]:
+                finish(sock, f"unexpected {kind} in {st[1]}")
+                return False
+            if kind == "hello":
+                req = p.new_request(self.op, frame["challenge"], **self.fields)
+                req["mac"] = p.sign(subkey, req)
+                st[3] = req
+                sock.setblocking(True)    # one small frame: sendmsg takes it whole
+                p.send_frame(sock, req, fds=self.fds)
+                sock.setblocking(False)
+            elif kind == last:
+                elapsed = time.perf_counter() - st[2]
+                error = self.check(st[3], frame)
+                if error is None:
+                    lat.append(elapsed)
+                finish(sock, error)
+                return False
+            st[1] = after[kind]
+            return True
 
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
@@ -484,47 +605,25 @@ class LoadGenerator:
                 sock = key.fileobj
                 st = state[sock]
                 try:
-                    data = sock.recv(65536)
+                    data = sock.recv(1 << 20)
                 except OSError as exc:
                     finish(sock, f"recv: {exc.strerror}")
                     continue
                 if not data:
                     finish(sock, f"eof in {st[1]}")
                 else:
-                    buf = st[0]
-                    buf += data
-                    while len(buf) >= 8:
-                        length = int.from_bytes(buf[4:8], "big")
-                        if len(buf) < 8 + length:
-                            break
-                        frame = p.decode_body(bytes(buf[8:8 + length]))
-                        del buf[:8 + length]
-                        kind = frame["type"]
-                        if kind == "error":
-                            finish(sock, frame["code"])
-                            break
-                        if st[1] == "hello" and kind == "hello":
-                            req = p.new_request("run", frame["challenge"],
-                                                secrets=self.secrets, argv=["/bin/true"],
-                                                environ=self.environ, cwd=self.cwd)
-                            req["mac"] = p.sign(self.b.subkey, req)
-                            body = p.encode_frame(req)
-                            sent = sock.sendmsg([body], [(socket.SOL_SOCKET,
-                                                          socket.SCM_RIGHTS, self.fds)])
-                            if sent < len(body):
-                                sock.setblocking(True)
-                                sock.sendall(body[sent:])
-                                sock.setblocking(False)
-                            st[1] = "started"
-                        elif st[1] == "started" and kind == "started":
-                            st[1] = "exit"
-                        elif st[1] == "exit" and kind == "exit":
-                            lat.append(time.perf_counter() - st[2])
-                            finish(sock, None if frame["code"] == 0
-                                   else f"exit {frame['code']}")
-                            break
-                        else:
-                            finish(sock, f"unexpected {kind} in {st[1]}")
+                    st[0] += data
+                    try:
+                        frames = split_frames(p, st[0])
+                    except p.ProtocolError as exc:
+                        finish(sock, f"bad frame: {exc}")
+                        frames = ()
+                    for frame in frames:
+                        try:
+                            if not on_frame(sock, st, frame):
+                                break
+                        except OSError as exc:
+                            finish(sock, f"send: {exc.strerror}")
                             break
                 while len(state) < concurrency and want_more():
                     if not launch():
@@ -547,6 +646,7 @@ def section_client(b, table, sock):
     env = b.env(OV_AGENT_SOCK=sock, CREDENTIALS_DIRECTORY=b.creds, OV_VAULT=b.vaults[10])
     commands = {
         "ov run --agent": [b.ov, "run", "--agent", "--", "/bin/true"],
+        "ov run --agent --spawn": [b.ov, "run", "--agent", "--spawn", "--", "/bin/true"],
         "python3 -I -c pass": [SYSTEM_PYTHON, "-I", "-c", "pass"],
         "venv python -I -c pass": [b.vpy, "-I", "-c", "pass"],
         "ov run --machine-key": [b.ov, "run", "--machine-key", str(b.key_path),
@@ -556,12 +656,15 @@ def section_client(b, table, sock):
     runs, warmup = (3, 1) if q else (40, 3)
     log(f"1. client latency: hyperfine -N, {len(commands)} commands x {runs} runs")
     hf = b.hyperfine(commands, runs, warmup, env)
-    rounds = 5 if q else 100
-    log(f"1. client latency: alternating loop agent/floor, {rounds} rounds")
+    rounds = 6 if q else 100
+    log(f"1. client latency: alternating loop agent/spawn/floor, {rounds} rounds")
     alt = b.alternate({"agent": commands["ov run --agent"],
+                       "spawn": commands["ov run --agent --spawn"],
                        "floor": commands["python3 -I -c pass"]}, rounds, env)
     table.section("1. Client latency (wall, spawn to exit; hyperfine -N unless noted)")
-    rows = (("ov run --agent", "ov run --agent -- /bin/true", "client_agent_ms"),
+    rows = (("ov run --agent", "ov run --agent -- /bin/true (release, exec)",
+             "client_agent_ms"),
+            ("ov run --agent --spawn", "ov run --agent --spawn -- /bin/true", None),
             ("python3 -I -c pass", "python3 -I -c pass (floor)", None),
             ("venv python -I -c pass", "venv python -I -c pass (venv floor)", None),
             ("ov run --machine-key", "ov run --machine-key K --app demo -- /bin/true", None),
@@ -571,105 +674,133 @@ def section_client(b, table, sock):
                   fmt="{:.2f}" if name == "/bin/true" else "{:.1f}", target=target)
     table.add("client.alt.agent", "  ov run --agent (alternating loop)",
               summary(alt["agent"]), "ms", scale=1e3)
+    table.add("client.alt.spawn", "  ov run --agent --spawn (alternating loop)",
+              summary(alt["spawn"]), "ms", scale=1e3)
     table.add("client.alt.floor", "  python3 -I -c pass (alternating loop)",
               summary(alt["floor"]), "ms", scale=1e3)
-    table.add("client.alt.excess", "  agent - floor, alternating (per pair)",
+    table.add("client.alt.excess", "  agent - floor, alternating (per round)",
               summary([a - f for a, f in zip(alt["agent"], alt["floor"])]), "ms",
               scale=1e3)
-    ratios = [a / f for a, f in zip(alt["agent"], alt["floor"])]
-    table.add("client.ratio.alt", "  agent/floor, alternating (median of pairs)",
-              summary(ratios), "x", fmt="{:.2f}", target="ratio_agent_floor")
-    hf_ratio = statistics.median(hf["ov run --agent"]) / statistics.median(
-        hf["python3 -I -c pass"])
-    table.add("client.ratio.hyperfine", "  agent/floor, hyperfine (ratio of medians; "
-              "cross-check)", None, "", value=f"{hf_ratio:.2f} x")
+    table.add("client.ratio.alt", "  agent/floor, alternating (median of rounds)",
+              summary([a / f for a, f in zip(alt["agent"], alt["floor"])]), "x",
+              fmt="{:.2f}", target="ratio_agent_floor")
+    table.add("client.ratio.spawn.alt", "  spawn/floor, alternating (median of rounds)",
+              summary([a / f for a, f in zip(alt["spawn"], alt["floor"])]), "x",
+              fmt="{:.2f}")
+    floor = statistics.median(hf["python3 -I -c pass"])
+    for key, name, label in (("client.ratio.hyperfine", "ov run --agent", "agent"),
+                             ("client.ratio.spawn.hyperfine", "ov run --agent --spawn",
+                              "spawn")):
+        ratio = statistics.median(hf[name]) / floor
+        table.add(key, f"  {label}/floor, hyperfine (ratio of medians; cross-check)",
+                  None, "", value=f"{ratio:.2f} x")
     mk_ratio = statistics.median(hf["ov run --machine-key"]) / statistics.median(
         hf["ov run --agent"])
     table.add("client.ratio.mk", "  machine-key/agent, hyperfine", None, "",
               value=f"{mk_ratio:.2f} x")
 
 
+# (op, N) of section 2: the release flow at every level, the spawn flow at the load
+# of the N=32 target (information: it forks /bin/true per request).
+THROUGHPUT_LEVELS = (("release", 1), ("release", 8), ("release", 32), ("spawn", 32))
+
+
 def section_throughput(b, table, proc, sock):
     q = b.quick
-    gen = LoadGenerator(b, sock)
-    levels = (1, 8, 32)
+    gens = {"release": LoadGenerator(b, sock, "release", expect=10),
+            "spawn": LoadGenerator(b, sock, "spawn")}
     trials, duration = (1, 0.4) if q else (5, 1.5)
-    log(f"2. throughput: warm-up, then {trials} trials x {duration}s for N={levels} "
-        "(round robin)")
-    gen.run(8, count=40 if q else 300)
+    log(f"2. throughput: warm-up, then {trials} trials x {duration}s for "
+        f"{', '.join(f'{op} N={n}' for op, n in THROUGHPUT_LEVELS)} (round robin)")
+    gens["release"].run(8, count=40 if q else 300)
+    gens["spawn"].run(8, count=20 if q else 100)
     results = defaultdict(list)
     for _ in range(trials):
-        for n in levels:
+        for op, n in THROUGHPUT_LEVELS:
             cpu0, host0 = proc_cpu(proc.pid), host_cpu()
-            res = gen.run(n, duration=duration)
+            res = gens[op].run(n, duration=duration)
             cpu1, host1 = proc_cpu(proc.pid), host_cpu()
             res["host_idle"] = (host1[0] - host0[0]) / max(host1[1] - host0[1], 1)
             res["agent_cpu"] = cpu1[0] - cpu0[0]
             res["child_cpu"] = cpu1[1] - cpu0[1]
-            results[n].append(res)
+            res["agent_sys"] = cpu1[2] - cpu0[2]
+            results[op, n].append(res)
     perf = {}
-    for n in levels:
-        res, counts = perf_stat(proc.pid, lambda n=n: gen.run(n, count=100 if q else 1000),
-                                b.tmp / f"perf-{n}.csv")
+    for op, n in THROUGHPUT_LEVELS:
+        res, counts = perf_stat(
+            proc.pid, lambda op=op, n=n: gens[op].run(n, count=100 if q else 1000),
+            b.tmp / f"perf-{op}-{n}.csv")
         if counts:
-            perf[n] = {k: v / max(res["completed"], 1) for k, v in counts.items()}
+            perf[op, n] = {k: v / max(res["completed"], 1) for k, v in counts.items()}
+    counters = b.status(sock)["counters"]
     table.section("2. Agent throughput/latency (load generator: 1 process, 1 thread, "
-                  "selectors; /bin/true; all 10 secrets)")
-    for n in levels:
-        rs = results[n]
+                  "selectors; release: all 10 secrets, seal opened; spawn: /bin/true)")
+    for op, n in THROUGHPUT_LEVELS:
+        rs = results[op, n]
+        key = f"tput.{op}.{n}"
+        who = f"  N={n:<2}" if op == "release" else f"  spawn N={n:<2}"
+        what = "requests" if op == "release" else "runs"
+        main = op == "release" and n == 32
         runs = [r["completed"] / r["elapsed"] for r in rs]
         lat = [x for r in rs for x in r["latencies"]]
         ok = sum(r["completed"] for r in rs)
         errors = sum((r["errors"] for r in rs), Counter())
-        table.add(f"tput.{n}.runs", f"  N={n:<2} runs/s (host CPU idle %)",
+        table.add(f"{key}.rate", f"{who} {what}/s (host CPU idle %)",
                   summary(runs, "range"), "/s", fmt="{:.0f}",
-                  target="runs_per_s_n32" if n == 32 else None)
+                  target="requests_per_s_n32" if main else None)
         idle = statistics.median(r["host_idle"] for r in rs) * 100
         table.annotate(f" ({idle:.0f}%)")
-        table.data[f"tput.{n}.runs"]["host_idle_pct"] = idle
-        table.add(f"tput.{n}.p50", f"  N={n:<2} latency p50", summary(lat), "ms",
+        table.data[f"{key}.rate"]["host_idle_pct"] = idle
+        table.add(f"{key}.p50", f"{who} latency p50", summary(lat), "ms",
                   fmt="{:.2f}", scale=1e3)
         p99 = pct(lat, 99)
         p99s = [pct(r["latencies"], 99) for r in rs]
-        table.add(f"tput.{n}.p99", f"  N={n:<2} latency p99 (spread: per-trial p99)",
+        table.add(f"{key}.p99", f"{who} latency p99 (spread: per-trial p99)",
                   {"median": p99, "lo": min(p99s), "hi": max(p99s), "n": len(lat),
                    "spread": "range"}, "ms", fmt="{:.2f}", scale=1e3,
-                  target="p99_n32_ms" if n == 32 else None)
-        table.add(f"tput.{n}.cpu", f"  N={n:<2} agent CPU/request (%busy of 1 core)",
+                  target="p99_n32_ms" if main else None)
+        table.add(f"{key}.cpu", f"{who} agent CPU/request (%busy of 1 core, %sys)",
                   summary([r["agent_cpu"] / max(r["completed"], 1) for r in rs], "range"),
                   "ms", fmt="{:.3f}", scale=1e3)
         busy = statistics.median(r["agent_cpu"] / r["elapsed"] for r in rs) * 100
-        table.annotate(f" ({busy:.0f}%)")
-        table.data[f"tput.{n}.cpu"]["busy_pct"] = busy
-        table.add(f"tput.{n}.child", f"  N={n:<2} child /bin/true CPU/request",
-                  summary([r["child_cpu"] / max(r["completed"], 1) for r in rs], "range"),
-                  "ms", fmt="{:.3f}", scale=1e3)
-        table.add(f"tput.{n}.gen", f"  N={n:<2} generator CPU/request (%busy)",
+        kernel = 100 * sum(r["agent_sys"] for r in rs) / max(
+            sum(r["agent_cpu"] for r in rs), 1e-9)
+        table.annotate(f" ({busy:.0f}%, {kernel:.0f}%)")
+        table.data[f"{key}.cpu"]["busy_pct"] = busy
+        table.data[f"{key}.cpu"]["sys_pct"] = kernel
+        if op == "spawn":
+            table.add(f"{key}.child", f"{who} child /bin/true CPU/request",
+                      summary([r["child_cpu"] / max(r["completed"], 1) for r in rs],
+                              "range"), "ms", fmt="{:.3f}", scale=1e3)
+        table.add(f"{key}.gen", f"{who} generator CPU/request (%busy)",
                   summary([r["gen_cpu"] / max(r["completed"], 1) for r in rs], "range"),
                   "ms", fmt="{:.3f}", scale=1e3)
         busy = statistics.median(r["gen_cpu"] / r["elapsed"] for r in rs) * 100
         table.annotate(f" ({busy:.0f}%)")
-        if n in perf:
-            c = perf[n]
-            table.add(f"tput.{n}.perf", f"  N={n:<2} per req (perf stat): ctx-sw/futex/faults",
-                      None, "",
+        label = f"{who} per req (perf stat): ctx-sw/futex/faults"
+        if (op, n) in perf:
+            c = perf[op, n]
+            table.add(f"{key}.perf", label, None, "",
                       value=f"{c['context-switches']:.1f} / "
                       f"{c['syscalls:sys_enter_futex']:.1f} / {c['page-faults']:.0f}")
-            table.data[f"tput.{n}.perf"] = c
+            table.data[f"{key}.perf"] = c
         else:
-            table.add(f"tput.{n}.perf", f"  N={n:<2} per req (perf stat): ctx-sw/futex/faults",
-                      None, "", value="n/a (no perf)")
-        table.data[f"tput.{n}.errors"] = dict(errors)
-        table.add(f"tput.{n}.err", f"  N={n:<2} requests ok / errors", None, "",
+            table.add(f"{key}.perf", label, None, "", value="n/a (no perf)")
+        table.data[f"{key}.errors"] = dict(errors)
+        table.add(f"{key}.err", f"{who} requests ok / errors", None, "",
                   value=f"{ok} / {sum(errors.values())}" +
                   (f" {dict(errors)}" if errors else ""))
+    table.add("tput.counters", "  agent status counters: released/accepted/denied/busy",
+              None, "", value="/".join(str(counters.get(name, "?")) for name in
+                                       ("released", "accepted", "denied", "busy")))
+    table.data["tput.counters"]["counters"] = counters
 
 
 def section_memory(b, table, proc, sock, idle_rss):
     q = b.quick
-    gen = LoadGenerator(b, sock)
+    gen = LoadGenerator(b, sock, "release", expect=10)
     warm, total, step = (100, 200, 100) if q else (1000, b.args.leak_requests, 2000)
-    log(f"4. memory: {warm} warm-up requests, then {total} requests (N=8), "
+    log(f"4. memory: {warm} warm-up releases, then {total} releases (N=8), "
         f"VmRSS every {step}")
     gen.run(8, count=warm)
     rss0 = proc_status(proc.pid, "VmRSS")
@@ -682,9 +813,9 @@ def section_memory(b, table, proc, sock, idle_rss):
     table.section("4. Agent memory (KiB from /proc/PID/status)")
     table.add("mem.idle", "  VmRSS idle (fresh agent, no request yet)",
               summary([idle_rss / 1024]), "MiB", target="rss_idle_mib")
-    table.add("mem.warm", f"  VmRSS after {warm} warm-up requests",
+    table.add("mem.warm", f"  VmRSS after {warm} warm-up releases (N=8)",
               summary([rss0 / 1024]), "MiB")
-    table.add("mem.after", f"  VmRSS after {total} more requests",
+    table.add("mem.after", f"  VmRSS after {total} more releases",
               summary([samples[-1] / 1024]), "MiB")
     table.add("mem.growth", f"  growth over those {total} requests",
               summary([(samples[-1] - rss0) / 1024]), "MiB", fmt="{:.2f}",
@@ -735,8 +866,8 @@ def section_cold(b, table):
         cold.append(b.spawn_time(argv, env))
         warm.append(b.spawn_time(argv, env))
         b.stop_agent(proc)
-    table.section("3. Cold start (systemd-socket-activate; ov run --agent until exit "
-                  "status is back)")
+    table.section("3. Cold start (systemd-socket-activate; ov run --agent -- /bin/true, "
+                  "spawn to exit)")
     table.add("cold.first", "  first request, agent not running", summary(cold, "range"),
               "ms", scale=1e3, target="cold_ms")
     table.add("cold.second", "  second request, same agent (warm)", summary(warm, "range"),
@@ -768,12 +899,13 @@ def section_scale(b, table, sizes):
     for i in range(rounds):
         order = sizes if i % 2 == 0 else sizes[::-1]
         for size in order:
-            proto[size].append(b.request(agents[size][1], secrets=[ONE]))
+            proto[size].append(b.request(agents[size][1], secrets=[ONE], expect=1))
     proto_all = defaultdict(list)
     for i in range(2 if q else 5):
         order = sizes if i % 2 == 0 else sizes[::-1]
         for size in order:
-            proto_all[size].append(b.request(agents[size][1], secrets=None))
+            proto_all[size].append(b.request(agents[size][1], secrets=None,
+                                             expect=size))
     for proc, _ in agents.values():
         b.stop_agent(proc)
     table.section(f"5. Scale: vaults of {', '.join(map(str, sizes))} secrets in one env "
@@ -785,12 +917,12 @@ def section_scale(b, table, sizes):
         table.add(f"scale.all.{size}", f"  {size:>5}: ov run --agent (all secrets)",
                   summary(hf[f"all-{size}"]), "ms", scale=1e3)
     for size in sizes:
-        table.add(f"scale.proto.one.{size}", f"  {size:>5}: agent round trip, ONE "
-                  "(in-process client)", summary(proto[size]), "ms", fmt="{:.2f}",
+        table.add(f"scale.proto.one.{size}", f"  {size:>5}: release round trip, ONE "
+                  "(in-process, seal opened)", summary(proto[size]), "ms", fmt="{:.2f}",
                   scale=1e3)
     for size in sizes:
-        table.add(f"scale.proto.all.{size}", f"  {size:>5}: agent round trip, all "
-                  "(in-process client)", summary(proto_all[size], "range"), "ms",
+        table.add(f"scale.proto.all.{size}", f"  {size:>5}: release round trip, all "
+                  "(in-process, seal opened)", summary(proto_all[size], "range"), "ms",
                   scale=1e3)
     hf_ratio = statistics.median(hf[f"one-{big}"]) / statistics.median(hf[f"one-{small}"])
     table.add("scale.ratio.hyperfine", f"  ONE {big}/{small}, hyperfine (ratio of medians; "
@@ -798,7 +930,7 @@ def section_scale(b, table, sizes):
     table.add("scale.ratio.alt", f"  ONE {big}/{small}, ov run --agent alternating",
               summary([x / y for x, y in zip(alt["big"], alt["small"])]), "x",
               fmt="{:.2f}", target="scale_one_ratio")
-    table.add("scale.ratio.proto", f"  ONE {big}/{small}, agent round trip alternating",
+    table.add("scale.ratio.proto", f"  ONE {big}/{small}, release round trip alternating",
               summary([x / y for x, y in zip(proto[big], proto[small])]), "x",
               fmt="{:.2f}", target="scale_one_ratio")
 
@@ -806,16 +938,20 @@ def section_scale(b, table, sizes):
 CLIENT_SCRIPT = r"""
 import cProfile, io, pstats, sys, time
 t0 = time.perf_counter()
-from ovagent import client, config, entry, keyfile, protocol
-import argparse
+from ovagent import entry
+getattr(entry, "_skip_openssl", lambda: None)()   # as the real client does, if it does
+from ovagent import client, config, keyfile, protocol, runner, seal
 t1 = time.perf_counter()
-argv = ["run", "--agent", "--", "/bin/true"]
+argv = sys.argv[2:]
+execs = []
+# In-process, the release flow must not exec /bin/true: record the call instead.
+runner.exec_with_secrets = lambda command, secrets: execs.append(len(secrets))
 
 def once():
     try:
         entry.main(argv)
     except SystemExit as exc:
-        assert exc.code == 0, exc.code
+        assert exc.code in (0, None), exc.code
 
 once()
 times = []
@@ -824,11 +960,12 @@ for _ in range(int(sys.argv[1])):
     once()
     times.append(time.perf_counter() - t)
 times.sort()
-print(f"  ovagent.entry/client/config + argparse imported in {(t1 - t0) * 1e3:.1f} ms "
+print(f"  ovagent.entry/client/config/protocol/seal imported in {(t1 - t0) * 1e3:.1f} ms "
       "(in this process, interpreter already up); then")
-print(f"  entry.main(run --agent -- /bin/true) in-process: median "
+print(f"  entry.main({' '.join(argv)}) in-process: median "
       f"{times[len(times) // 2] * 1e3:.2f} ms, min {times[0] * 1e3:.2f} ms "
-      f"({len(times)} runs; includes the agent round trip)")
+      f"({len(times)} runs; includes the agent round trip"
+      + (", not the exec)" if execs else ")"))
 profile = cProfile.Profile()
 profile.enable()
 for _ in range(int(sys.argv[1])):
@@ -893,7 +1030,8 @@ def pyspy_profile(b, pid, seconds, driver, out):
     """py-spy record (raw collapsed stacks) of pid while driver() runs."""
     spy = subprocess.Popen([str(b.venv / "bin" / "py-spy"), "record", "-p", str(pid),
                             "-d", str(seconds), "-r", "250", "-f", "raw", "-o", str(out),
-                            *(["--native"] if b.args.native else ["--nonblocking"])],
+                            *(["--native"] if b.args.native else ["--nonblocking"]),
+                            *(["--gil"] if b.args.gil else [])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
     stats = driver()
@@ -903,20 +1041,60 @@ def pyspy_profile(b, pid, seconds, driver, out):
     return stats
 
 
-def summarize_collapsed(path, top=18, cpu_per_request=None):
-    """Inclusive and self shares per function from py-spy's collapsed stacks; with
-    cpu_per_request (s), also an estimate of each share in ms per request."""
-    inclusive, selfs, total = Counter(), Counter(), 0
+def perf_profile(b, pid, driver, per_request, top=25):
+    """``perf record`` (999 Hz, no call graphs) of the agent while driver() runs: its
+    CPU by shared object (the interpreter, the kernel, libcrypto, sqlite...) and by
+    symbol, each share also in ms per request (share x *per_request*, the agent's CPU
+    per request measured without perf, in seconds).  Returns (text, driver result,
+    (agent CPU per request, kernel share) while perf recorded), text None without
+    perf or when perf refuses."""
+    data = b.tmp / "perf.data"
+    def measured():
+        before = proc_cpu(pid)
+        outcome = driver()
+        return before, outcome, proc_cpu(pid)
+
+    cpu0, res, cpu1 = while_watched(["perf", "record", "-F", "999", "-p", str(pid), "-o",
+                                     str(data)], measured, settle=0.5)
+    under = ((cpu1[0] - cpu0[0]) / max(res["completed"], 1),
+             (cpu1[2] - cpu0[2]) / max(cpu1[0] - cpu0[0], 1e-9))
+    out = []
+    for sort, limit in (("dso", 10), ("dso,sym", top)):
+        result = subprocess.run(["perf", "report", "-i", str(data), "--stdio",
+                                 "--no-children", "--sort", sort, "--percent-limit",
+                                 "0.5"], capture_output=True, text=True, timeout=300,
+                                check=False)
+        rows = [line for line in result.stdout.splitlines()
+                if line.strip() and not line.startswith("#")]
+        if result.returncode != 0 or not rows:
+            return None, res, under
+        out.append(f"  by {'shared object' if sort == 'dso' else 'symbol'}:"
+                   f"   %  ms/req")
+        for line in rows[:limit]:
+            share = float(line.split("%")[0])
+            out.append(f"  {share:6.1f}  {share * per_request * 10:6.3f}  "
+                       f"{' '.join(line.split()[1:])}")
+    data.unlink(missing_ok=True)
+    return "\n".join(out), res, under
+
+
+def summarize_collapsed(path, top=18, cpu_per_request=None, gil=False):
+    """Inclusive and self shares per function from py-spy's collapsed stacks, and the
+    lines with the most self samples; with cpu_per_request (s), also an estimate of
+    each share in ms per request."""
+    inclusive, selfs, lines_self, total = Counter(), Counter(), Counter(), 0
     for line in Path(path).read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         count = int(count)
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        raw = stack.split(";")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in raw]
         total += count
         for frame in set(frames):
             inclusive[frame] += count
         selfs[frames[-1]] += count
+        lines_self[raw[-1]] += count
     per = (cpu_per_request or 0) * 1e3
 
     def row(frame):
@@ -924,7 +1102,9 @@ def summarize_collapsed(path, top=18, cpu_per_request=None):
         est = f"{inc * per:8.3f}" if per else ""
         return f"  {100 * inc:9.1f}  {100 * own:5.1f}  {est}   {frame}"
 
-    lines = [f"  {total} samples of busy threads (py-spy, 250 Hz, idle excluded)"
+    what = ("the thread holding the GIL (py-spy --gil" if gil
+            else "busy threads (py-spy")
+    lines = [f"  {total} samples of {what}, 250 Hz, idle excluded)"
              + ("; ms/req = inclusive share x agent CPU per request (estimate)"
                 if per else ""),
              "  inclusive%  self%" + ("  ms/req" if per else "") + "   function (file)"
@@ -942,6 +1122,12 @@ def summarize_collapsed(path, top=18, cpu_per_request=None):
     lines.append("  -- top self --")
     for frame, _ in selfs.most_common(top):
         lines.append(row(frame))
+    lines.append("  -- top self lines (a line that calls C code which drops the GIL, a "
+                 "lock or a blocking call also holds threads waiting to take the GIL "
+                 "back) --")
+    for frame, count in lines_self.most_common(10):
+        est = f"{count / total * per:8.3f}" if per else ""
+        lines.append(f"  {'':9}  {100 * count / total:5.1f}  {est}   {frame}")
     return "\n".join(lines)
 
 
@@ -1001,24 +1187,26 @@ def cold_importtime_profile(b, rounds=3):
                              f"(median of {rounds}, with importtime on)")
 
 
-def strace_profile(b, requests=300):
-    """Syscalls per request of the agent (strace -f -c; -f also follows each vforked
-    child through the exec of /bin/true, so its syscalls are in the counts)."""
+def strace_profile(b, op, requests=300):
+    """Syscalls per request of the agent (strace -f -c; for spawn, -f also follows each
+    vforked child through the exec of /bin/true, so its syscalls are in the counts)."""
     proc, sock = b.start_agent("strace", b.vaults[10])
-    gen = LoadGenerator(b, sock)
+    gen = LoadGenerator(b, sock, op, expect=10 if op == "release" else None)
     gen.run(4, count=100)
     out = b.tmp / "strace.txt"
     tracer = subprocess.Popen(["strace", "-f", "-c", "-S", "calls", "-o", str(out), "-p",
                                str(proc.pid)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     time.sleep(1.0)
-    log(f"profile: strace -f -c of the agent over {requests} requests (N=4)")
+    log(f"profile: strace -f -c of the agent over {requests} {op} requests (N=4)")
     res = gen.run(4, count=requests)
     tracer.send_signal(signal.SIGINT)
     tracer.wait(30)
     b.stop_agent(proc)
+    what = ("includes the vforked child and /bin/true itself" if op == "spawn"
+            else "release: no child")
     lines = [(f"== agent syscalls per request: strace -f -c over {res['completed']} "
-              "requests (N=4; includes the vforked child and /bin/true itself) =="),
+              f"{op} requests (N=4; {what}) =="),
              "  calls/req  errors/req  syscall"]
     for line in out.read_text().splitlines():
         parts = line.split()
@@ -1036,39 +1224,58 @@ def run_profiles(b):
     subprocess.run([str(b.venv / "bin" / "pip"), "install", "-q", "py-spy"], check=True,
                    timeout=300, stdout=subprocess.DEVNULL)
     seconds = 3 if b.quick else 10
+    op, n = b.args.profile_op, b.args.profile_clients
     out = []
     proc, sock = b.start_agent("profile", b.vaults[10])
-    gen = LoadGenerator(b, sock)
-    n = b.args.profile_clients
-    stacks = b.tmp / f"agent-n{n}.txt"
+    gen = LoadGenerator(b, sock, op, expect=10 if op == "release" else None)
+    stacks = b.tmp / f"agent-{op}-n{n}.txt"
     gen.run(n, count=200)
     cpu0 = proc_cpu(proc.pid)
-    log(f"profile: agent under load N={n} for {seconds}s")
+    log(f"profile: agent under load, {op} N={n} for {seconds}s")
     res = pyspy_profile(b, proc.pid, seconds, lambda: gen.run(n, duration=seconds), stacks)
     cpu1 = proc_cpu(proc.pid)
-    per_request = (cpu1[0] - cpu0[0]) / res["completed"]
-    out.append(f"== agent under load: N={n}, /bin/true, all 10 secrets: {res['completed']} "
-               f"requests, {per_request * 1e3:.3f} ms agent CPU per request (while "
-               "sampled) ==")
-    out.append(summarize_collapsed(stacks, cpu_per_request=per_request))
+    per_request = (cpu1[0] - cpu0[0]) / max(res["completed"], 1)
+    kernel = 100 * (cpu1[2] - cpu0[2]) / max(cpu1[0] - cpu0[0], 1e-9)
+    rate = res["completed"] / res["elapsed"]
+    lat = res["latencies"]
+    out.append(f"== agent under load: {op} N={n}, all 10 secrets"
+               f"{', /bin/true' if op == 'spawn' else ''}: {res['completed']} requests "
+               f"({rate:.0f}/s, p50 {pct(lat, 50) * 1e3:.1f} ms, p99 "
+               f"{pct(lat, 99) * 1e3:.1f} ms, errors {sum(res['errors'].values())}; "
+               f"generator {res['gen_cpu'] / max(res['completed'], 1) * 1e3:.3f} ms CPU/"
+               f"request), {per_request * 1e3:.3f} ms agent CPU per request ({kernel:.0f}% "
+               "of it in the kernel; while sampled) ==")
+    out.append(summarize_collapsed(stacks, cpu_per_request=per_request,
+                                   gil=b.args.gil))
+    if shutil.which("perf"):
+        log(f"profile: perf record of the agent, {op} N={n} for {seconds}s")
+        text, _, (under, kernel_under) = perf_profile(
+            b, proc.pid, lambda: gen.run(n, duration=seconds), per_request)
+        out.append(f"\n== agent under load, {op} N={n}: perf record -F 999 (interpreter, "
+                   "kernel, libraries); ms/req = share x the agent CPU per request "
+                   f"without perf ({per_request * 1e3:.3f} ms, {kernel:.0f}% kernel); "
+                   f"while perf records: {under * 1e3:.3f} ms, {kernel_under * 100:.0f}% "
+                   "kernel (perf switches its counters at each context switch, in "
+                   "finish_task_switch, which adds to the kernel's samples) ==")
+        out.append(text or "  perf record/report failed")
     b.stop_agent(proc)
     big = max(b.vaults)
     if big > 10:
         proc, sock = b.start_agent("profile-big", b.vaults[big])
-        gen = LoadGenerator(b, sock)
-        log(f"profile: agent serving all {big} secrets, N=1 for {seconds}s")
+        gen = LoadGenerator(b, sock, "release", expect=big)
+        log(f"profile: agent releasing all {big} secrets, N=1 for {seconds}s")
         cpu0 = proc_cpu(proc.pid)
         res = pyspy_profile(b, proc.pid, seconds, lambda: gen.run(1, duration=seconds),
                             b.tmp / "agent-all.txt")
         per_request = (proc_cpu(proc.pid)[0] - cpu0[0]) / max(res["completed"], 1)
-        out.append(f"\n== agent serving ALL {big} secrets (N=1): {res['completed']} "
+        out.append(f"\n== agent releasing ALL {big} secrets (N=1): {res['completed']} "
                    f"requests, {per_request * 1e3:.1f} ms agent CPU per request ==")
         out.append(summarize_collapsed(b.tmp / "agent-all.txt",
-                                       cpu_per_request=per_request))
+                                       cpu_per_request=per_request, gil=b.args.gil))
         b.stop_agent(proc)
     if shutil.which("strace"):
         out.append("")
-        out.append(strace_profile(b))
+        out.append(strace_profile(b, op))
     for d in (stacks.name, "agent-all.txt"):
         if b.args.profile_out and (b.tmp / d).exists():
             Path(b.args.profile_out).mkdir(parents=True, exist_ok=True)
@@ -1076,14 +1283,17 @@ def run_profiles(b):
     proc, sock = b.start_agent("profile-client", b.vaults[10])
     env = b.env(OV_AGENT_SOCK=sock, CREDENTIALS_DIRECTORY=b.creds)
     log("profile: python -X importtime of the clients")
-    out.append("\n== client: python -X importtime ov run --agent -- /bin/true ==")
-    out.append(importtime_profile(b, [b.ov, "run", "--agent", "--", "/bin/true"], env))
-    out.append("\n== client: runtime of entry.main() with its modules already imported ==")
-    result = subprocess.run([b.vpy, "-c", CLIENT_SCRIPT, "10" if b.quick else "50"],
-                            env=env, cwd=b.home, capture_output=True, text=True,
-                            timeout=120, check=False)
-    out.append(result.stdout.rstrip() if result.returncode == 0 else
-               f"  failed: {result.stderr[-1500:]}")
+    for flags in ([], ["--spawn"]):
+        argv = ["run", "--agent", *flags, "--", "/bin/true"]
+        out.append(f"\n== client: python -X importtime ov {' '.join(argv)} ==")
+        out.append(importtime_profile(b, [b.ov, *argv], env))
+        out.append(f"\n== client: runtime of entry.main({' '.join(argv)}) with its "
+                   "modules already imported ==")
+        result = subprocess.run([b.vpy, "-c", CLIENT_SCRIPT, "10" if b.quick else "50",
+                                 *argv], env=env, cwd=b.home, capture_output=True,
+                                text=True, timeout=120, check=False)
+        out.append(result.stdout.rstrip() if result.returncode == 0 else
+                   f"  failed: {result.stderr[-1500:]}")
     out.append("\n== client: python -X importtime ov run --machine-key K -- /bin/true ==")
     out.append(importtime_profile(b, [b.ov, "run", "--machine-key", str(b.key_path),
                                       "--app", APP, "--", "/bin/true"],
@@ -1120,7 +1330,7 @@ def header(args, setup_s, import_s, load_start):
          f"loadavg at start {load_start}, at end {loadavg()}"),
         f"python {platform.python_version()} (bench), {SYSTEM_PYTHON} for the venv; {hf}",
         f"setup {setup_s:.1f}s (non-editable venv + vaults; secret import {imports})",
-        "spread: IQR = p25–p75, range = min–max; targets: issue #7 (bench/run.py TARGETS)",
+        "spread: IQR = p25–p75, range = min–max; targets: issue #12 (bench/run.py TARGETS)",
     ])
 
 
@@ -1138,6 +1348,13 @@ def main():
     parser.add_argument("--profile-clients", type=int, default=32, metavar="N",
                         help="with --profile: concurrent connections while the agent "
                              "is sampled (default 32, as the p99 target)")
+    parser.add_argument("--profile-op", choices=("release", "spawn"), default="release",
+                        help="with --profile: the flow the agent is sampled under "
+                             "(default release, as the N=32 targets)")
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: py-spy --gil (only the thread holding the "
+                             "GIL is sampled: where the agent's Python CPU goes, without "
+                             "the threads that wait for the GIL)")
     parser.add_argument("--native", action="store_true",
                         help="with --profile: py-spy --native (C frames; pauses the "
                              "agent at each sample instead of --nonblocking)")

@@ -1,28 +1,23 @@
-"""``ov agent``: the daemon that holds the machine key and serves requests for secrets.
+"""What ``ov agent`` does with a request, once its event loop (ovagent/server.py) has
+read it.
 
-One worker thread per connection (at most --max-clients; idle workers are reused);
-the main thread accepts, checks SO_PEERCRED and takes a pidfd before reading a byte,
-feeds the systemd watchdog and handles signals.  A connection carries exactly one
-request: the agent sends a fresh challenge and verifies the signed request
-(docs/protocol.rst).  For ``release`` (``ov run --agent``) it decrypts only the
-requested secrets and answers with them sealed to that request; the client execs the
-command in its own world.  For ``spawn`` (``--spawn``) it first checks that the
-caller lives in the agent's own world (ovagent/peer.py), then starts the command in
-a new session with the client's fds, cwd, umask and environment plus the secrets
-(never the agent's own environment), relays signals and reports the exit status; if
-the client vanishes, the command's process group gets SIGTERM, then SIGKILL after a
-grace period.
+It verifies the request (docs/protocol.rst: schema, challenge, MAC, clock, nonce).
+``status`` gets the counters.  ``release`` (``ov run --agent``) gets only the
+requested secrets, sealed to that request; the client execs the command in its own
+world.  ``spawn`` (``--spawn``), served in a thread of its own, first needs a caller
+that lives in the agent's own world (ovagent/peer.py); the command then starts in a
+new session with the client's fds, cwd, umask and environment plus the secrets (never
+the agent's own environment), signals are relayed and the exit status reported, and
+if the client vanishes the command's process group gets SIGTERM, then SIGKILL after
+a grace period.
 """
 
 import binascii
 import hmac
 import os
-import queue
 import resource
 import select
-import selectors
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,13 +25,10 @@ import time
 from . import __version__, peer as peers, protocol, seal
 from .errors import NotFoundError, OvError, UsageError
 from .protocol import ProtocolError
-from .systemd_glue import Audit, Notifier, process_cgroups
+from .systemd_glue import Audit, process_cgroups
 
-DEFAULT_MAX_CLIENTS = 64
 DEFAULT_GRACE = 5.0           # seconds between SIGTERM and SIGKILL of an orphan
-DEFAULT_DRAIN = 30.0          # seconds SIGTERM waits for running requests
 NONCE_CAPACITY = 100_000
-ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
 RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
 UNSIGNED_RELEASE = ("an unsigned request cannot have secrets released: they are sealed "
                     "to the machine key that signs the request (an agent unlocked with "
@@ -45,12 +37,16 @@ CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified,
 
 
 def _in_callers_place(cgroup_fd, core_limit):
-    """preexec_fn of a spawned command.  It writes "0" (itself) to the caller's
-    cgroup.procs before exec, so neither the command nor anything it forks ever runs
-    in the agent's cgroup when the kernel lets it move (a restart of the agent would
-    kill it there, and journald would file its output under the agent's unit); and
-    it takes back the caller's soft core limit, which the agent lowers for itself.
-    Only system calls: safe in a threaded parent."""
+    """preexec_fn of a spawned command, or None when there is nothing to do (then
+    subprocess may vfork, much cheaper than fork).  It writes "0" (itself) to the
+    caller's cgroup.procs before exec, so neither the command nor anything it forks
+    ever runs in the agent's cgroup when the kernel lets it move (a restart of the
+    agent would kill it there, and journald would file its output under the agent's
+    unit); and it takes back the caller's soft core limit, which the agent lowers
+    for itself.  Only system calls: safe in a threaded parent."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if cgroup_fd is None and core_limit == soft:
+        return None
 
     def enter():
         if cgroup_fd is not None:
@@ -58,8 +54,7 @@ def _in_callers_place(cgroup_fd, core_limit):
                 os.write(cgroup_fd, b"0")
             except OSError:
                 pass   # not allowed: the command stays in the agent's cgroup
-        resource.setrlimit(resource.RLIMIT_CORE,
-                           (core_limit, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        resource.setrlimit(resource.RLIMIT_CORE, (core_limit, hard))
 
     return enter
 
@@ -100,32 +95,35 @@ class KeyState:
         self._app_subkeys = {}
         self.lock = threading.Lock()   # the vault's SQLite connection is not shared-safe
 
-    def subkeys_for(self, app):
-        """MAC keys a request for *app* may be signed with: the agent's own key,
-        and (when the agent holds the KEK) that app's key (a scoped machine key)."""
-        keys = [self._own_subkey] if self._own_subkey else []
-        if self.keyring is not None and self.keyring.kek is not None:
+    def verifying_subkey(self, req, app):
+        """The MAC key that verifies *req* for *app*, or None: the agent's own key,
+        else (when the agent holds the KEK) that app's key (a scoped machine key),
+        looked up only when the own key does not verify."""
+        if self._own_subkey and protocol.mac_matches(self._own_subkey, req):
+            return self._own_subkey
+        if self.keyring is None or self.keyring.kek is None:
+            return None
+        with self.lock:
             try:
                 app_key = self.keyring.app_key(app)
             except (NotFoundError, UsageError):   # no such app, or not a valid name
-                return keys
+                return None
             if self._app_subkeys.get(app, (None,))[0] != app_key:
                 self._app_subkeys[app] = (app_key, protocol.mac_key(app_key))
-            keys.append(self._app_subkeys[app][1])
-        return keys
+            subkey = self._app_subkeys[app][1]
+        return subkey if protocol.mac_matches(subkey, req) else None
 
 
 class Agent:
-    def __init__(self, listener, keys, *, default_app=None, max_clients=DEFAULT_MAX_CLIENTS,
-                 grace=DEFAULT_GRACE, drain=DEFAULT_DRAIN, all_users=False, audit=None,
-                 notifier=None):
-        self.listener = listener
+    """The key, the counters and the audit trail, and what each request does."""
+
+    def __init__(self, keys, *, default_app=None, grace=DEFAULT_GRACE, all_users=False,
+                 audit=None):
         self.keys = keys
         self.default_app = default_app or keys.scope or "default"
-        self.max_clients, self.grace, self.drain = max_clients, grace, drain
+        self.grace = grace
         self.all_users = all_users   # else only our own uid and root
         self.audit = audit or Audit()
-        self.notifier = notifier or Notifier()
         self.uid = os.geteuid()
         self._own_cgroup = process_cgroups(os.getpid())[1]
         self.started = time.monotonic()
@@ -133,212 +131,38 @@ class Agent:
         self.counters = {"released": 0, "accepted": 0, "denied": 0, "running": 0,
                          "busy": 0}
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)   # notified when a handler ends
-        self._active = 0          # connections being handled (bounded by max_clients)
-        self._idle_workers = 0
-        self._connections = queue.SimpleQueue()
         self._detach_r, self._detach_w = os.pipe()
-        self._stop = False
 
-    # -- main loop -------------------------------------------------------------
-
-    def serve(self):
-        """Accept until SIGTERM/SIGINT, then drain.  Returns the exit status."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)
-        self.listener.setblocking(False)
-        selector = selectors.DefaultSelector()
-        selector.register(self.listener, selectors.EVENT_READ, "accept")
-        selector.register(wake_r, selectors.EVENT_READ, "signal")
-        status = f"serving ({self.keys.mode})"
-        self.notifier.ready(status)
-        self.audit.event("ready", f"ov-agent ready, {status}", mode=self.keys.mode,
-                         scope=self.keys.scope)
-        next_watchdog = time.monotonic()
-        paused_until = None
-        try:
-            while not self._stop:
-                now = time.monotonic()
-                if self.notifier.watchdog_interval and now >= next_watchdog:
-                    self.notifier.watchdog()
-                    next_watchdog = now + self.notifier.watchdog_interval
-                if paused_until is not None and now >= paused_until:
-                    selector.register(self.listener, selectors.EVENT_READ, "accept")
-                    paused_until = None
-                timeout = min(self.notifier.watchdog_interval or 1.0, ACCEPT_PAUSE
-                              if paused_until is not None else 1.0)
-                for key, _ in selector.select(timeout):
-                    if key.data == "signal":
-                        self._on_signals(wake_r)
-                    elif not self._accept():
-                        # Out of file descriptors: stop polling the listener for a
-                        # moment instead of spinning; queued clients wait in the backlog.
-                        selector.unregister(self.listener)
-                        paused_until = time.monotonic() + ACCEPT_PAUSE
-        finally:
-            signal.set_wakeup_fd(previous)
-            selector.close()
-        self._drain()
-        return 0
-
-    def _on_signals(self, wake_r):
-        try:
-            data = wake_r.recv(64)
-        except BlockingIOError:
-            return
-        if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in data):
-            self._stop = True
-            self.notifier.stopping("stopping: waiting for running requests")
-            self.audit.event("stopping", "ov-agent stopping", running=self.counters["running"])
-
-    def _accept(self):
-        """Accept one connection.  False when out of file descriptors."""
-        try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError as exc:
-            if exc.errno in (24, 23, 105, 12):  # EMFILE, ENFILE, ENOBUFS, ENOMEM
-                return False
-            raise
-        conn.setblocking(True)
-        try:
-            peer = peers.Peer(conn)  # SO_PEERCRED and a pidfd before reading any byte
-        except OSError:
-            conn.close()
-            return True
-        if not self.all_users and peer.uid not in (self.uid, 0):
-            self._refuse(conn, peer, protocol.E_PEER,
-                         f"uid {peer.uid} may not use this agent (it serves uid {self.uid})")
-            peer.close()
-            return True
+    def count(self, counter, delta=1):
         with self._lock:
-            busy = self._active >= self.max_clients
-            if busy:
-                self.counters["busy"] += 1
-            else:
-                self._active += 1
-                reuse = self._idle_workers > 0
-                if reuse:
-                    self._idle_workers -= 1
-        if busy:
-            self._refuse(conn, peer, protocol.E_BUSY,
-                         f"agent busy: {self.max_clients} requests already running")
-            peer.close()
-            return True
-        if not reuse:
-            try:
-                threading.Thread(target=self._worker, daemon=True).start()
-            except RuntimeError:
-                self._handled()
-                self._refuse(conn, peer, protocol.E_BUSY, "agent cannot start a thread")
-                peer.close()
-                return True
-        self._connections.put((conn, peer))
-        return True
+            self.counters[counter] += delta
 
-    def _worker(self):
-        """Handle connections one after another: a thread is started only when none
-        is idle, and then kept (at most --max-clients of them), which spares each
-        request a thread start and its hand-off with the accepting thread."""
-        while True:
-            conn, peer = self._connections.get()
-            try:
-                self._handle(conn, peer)
-            except Exception:  # a dead worker, still counted idle, would hang clients
-                conn.close()
-            finally:
-                peer.close()
-                self._handled(idle_worker=True)
+    def admits(self, peer):
+        """None, or why this peer may not use the agent at all (before any byte)."""
+        if self.all_users or peer.uid in (self.uid, 0):
+            return None
+        return f"uid {peer.uid} may not use this agent (it serves uid {self.uid})"
 
-    def _handled(self, idle_worker=False):
-        with self._lock:
-            self._active -= 1
-            if idle_worker:
-                self._idle_workers += 1
-            self._idle.notify_all()
-
-    def _refuse(self, conn, peer, code, message, exit_status=None, **fields):
-        """Answer with an error, record the denial, and close the connection (and, for
-        a peer that never reached a worker, its pidfd)."""
-        with self._lock:
-            self.counters["denied"] += 1
+    def refused(self, peer, code, message, exit_status=None, **fields):
+        """Record a denial; return the error frame that answers it."""
+        self.count("denied")
         self.audit.event("denied", f"request denied: {message}", code=code, reason=message,
                          **peer.fields(), **fields)
-        try:
-            conn.settimeout(1.0)
-            protocol.send_frame(conn, protocol.error_frame(code, message, exit_status))
-        except (OSError, ProtocolError):   # gone, or a message too large to send
-            pass
-        finally:
-            conn.close()
+        return protocol.error_frame(code, message, exit_status)
 
-    def _drain(self):
-        """Let running requests finish (up to --drain seconds), then detach the rest."""
-        with self._lock:
-            self._idle.wait_for(lambda: self._active == 0, timeout=self.drain)
-            if self._active == 0:
-                return
+    def detach(self):
+        """The agent stops: tell every spawned command's supervisor to let go."""
         os.write(self._detach_w, b"x")
-        with self._lock:
-            self._idle.wait_for(lambda: self._active == 0, timeout=5.0)
 
-    # -- one connection ----------------------------------------------------------
+    # -- every request ------------------------------------------------------------
 
-    def _handle(self, conn, peer):
-        request_id = os.urandom(8).hex()
-        fds = []
-        try:
-            challenge = os.urandom(protocol.CHALLENGE_BYTES).hex()
-            protocol.send_frame(conn, {"type": "hello", "version": protocol.VERSION,
-                                       "agent": f"ov-agent {__version__}",
-                                       "challenge": challenge})
-            obj, fds = protocol.recv_frame(conn, want_fds=True)
-            req, subkey = self._authenticate(obj, challenge, peer)
-            if req["op"] == "spawn":
-                self._spawn(conn, peer, req, fds, request_id)
-                return
-            if fds:
-                raise ProtocolError(protocol.E_BAD_REQUEST,
-                                    f"a {req['op']} request carries no descriptors")
-            if req["op"] == "status":
-                protocol.send_frame(conn, self.status())
-            else:
-                self._release(conn, peer, req, subkey, request_id)
-        except ProtocolError as exc:
-            self._refuse(conn, peer, exc.code, str(exc), exc.exit_status,
-                         request_id=request_id)
-        except EOFError:
-            pass
-        except OSError:
-            pass  # the client went away mid-handshake
-        except OvError as exc:
-            self._refuse(conn, peer, protocol.E_INTERNAL, str(exc), request_id=request_id)
-        except Exception as exc:  # never let one request take the agent down
-            self._refuse(conn, peer, protocol.E_INTERNAL,
-                         f"internal error ({type(exc).__name__})", request_id=request_id)
-        finally:
-            self._close_fds(fds)
-            conn.close()
-
-    @staticmethod
-    def _close_fds(fds):
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        fds.clear()
-
-    def _authenticate(self, obj, challenge, peer):
+    def authenticate(self, obj, challenge, peer):
         """Schema, challenge, MAC, clock window, nonce: in that order.  Returns the
         request and the MAC subkey that verified it (None: unsigned)."""
         req = protocol.validate_request(obj)
         if self.keys.vault is None:
+            if req["op"] == "status":   # no key to sign with, nothing to protect
+                return req, None
             raise ProtocolError(protocol.E_UNCONFIGURED, self.keys.reason)
         auth_failed = ProtocolError(protocol.E_AUTH, "request authentication failed")
         if not hmac.compare_digest(req["challenge"], challenge):
@@ -350,9 +174,7 @@ class Agent:
             if not (self.keys.mode == "interactive" and peer.uid == self.uid):
                 raise auth_failed
         else:
-            with self.keys.lock:
-                subkeys = self.keys.subkeys_for(req.get("app") or self.default_app)
-            subkey = next((k for k in subkeys if protocol.mac_matches(k, req)), None)
+            subkey = self.keys.verifying_subkey(req, req.get("app") or self.default_app)
             if subkey is None:
                 raise auth_failed
         if abs(time.time() - req["ts"]) > protocol.CLOCK_WINDOW:
@@ -362,13 +184,22 @@ class Agent:
             raise ProtocolError(protocol.E_REPLAY, "request was already used")
         return req, subkey
 
+    def answer(self, peer, req, subkey, request_id):
+        """The encoded answer to a verified status or release request."""
+        if req["op"] == "status":
+            return protocol.encode_frame(self.status())
+        return self.release(peer, req, subkey, request_id)
+
     def status(self):
         with self._lock:
             counters = dict(self.counters)
-        return {"type": "status", "version": __version__, "pid": os.getpid(),
-                "uptime": int(time.monotonic() - self.started), "mode": self.keys.mode,
-                "scope": self.keys.scope or "all apps", "default_app": self.default_app,
-                "counters": counters}
+        status = {"type": "status", "version": __version__, "pid": os.getpid(),
+                  "uptime": int(time.monotonic() - self.started), "mode": self.keys.mode,
+                  "scope": self.keys.scope or "all apps", "default_app": self.default_app,
+                  "counters": counters}
+        if self.keys.reason:
+            status["reason"] = self.keys.reason
+        return status
 
     def _reveal(self, req):
         """(app, env, name -> (version, value)) of a release or spawn request."""
@@ -391,9 +222,12 @@ class Agent:
             raise ProtocolError(protocol.E_INTERNAL, "audit log unavailable; refusing "
                                 "to release or run anything unaudited")
 
-    def _release(self, conn, peer, req, subkey, request_id):
-        """Answer with the requested secrets sealed to this request: the client execs
-        the command in its own world."""
+    # -- release --------------------------------------------------------------------
+
+    def release(self, peer, req, subkey, request_id):
+        """The requested secrets sealed to this request, as an encoded 'released'
+        frame, recorded before it is returned: the client execs the command in its
+        own world."""
         app, env, revealed = self._reveal(req)
         plaintext = seal.encode_secrets({name: value for name, (_, value)
                                          in revealed.items()})
@@ -408,9 +242,10 @@ class Agent:
                      versions=[f"{name}={revealed[name][0]}" for name in names],
                      command=req["argv0"], **peer.fields())
         revealed.clear()
-        conn.sendall(frame)
-        with self._lock:
-            self.counters["released"] += 1
+        self.count("released")
+        return frame
+
+    # -- spawn (in a thread of its own) ----------------------------------------------
 
     def _check_world(self, peer):
         """--spawn only where the command runs as the caller's own process would: the
@@ -429,7 +264,10 @@ class Agent:
                                 f"the agent differ in: {', '.join(different)}{drop}")
         return theirs
 
-    def _spawn(self, conn, peer, req, fds, request_id):
+    def spawn(self, conn, peer, req, fds, request_id):
+        """Run the command of a verified spawn request and supervise it until it
+        exits; *conn* is a blocking socket, *fds* the client's stdin/stdout/stderr
+        (closed here once the command has them)."""
         world = self._check_world(peer)
         if len(fds) != 3:
             raise ProtocolError(protocol.E_BAD_REQUEST,
@@ -454,12 +292,11 @@ class Agent:
                                 exit_status=status) from None
         finally:
             environ.clear()
-            self._close_fds(fds)
+            protocol.close_fds(fds)
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
-        with self._lock:
-            self.counters["accepted"] += 1
-            self.counters["running"] += 1
+        self.count("accepted")
+        self.count("running")
         try:
             try:
                 protocol.send_frame(conn, {"type": "started", "pid": child.pid,
@@ -468,8 +305,7 @@ class Agent:
                 pass  # the client is gone: _supervise sees it and stops the command
             result = self._supervise(conn, child)
         finally:
-            with self._lock:
-                self.counters["running"] -= 1
+            self.count("running", -1)
         self.audit.event("exited", f"{req['argv'][0]} (pid {child.pid}) {result}",
                          child_pid=child.pid, exit_status=child.returncode, outcome=result,
                          **fields)

@@ -364,13 +364,14 @@ PID_FILE = argh.arg("--pid-file", metavar="PATH",
           help="SIGTERM to SIGKILL delay for commands whose client vanished (default 5)")
 @argh.arg("--drain", type=float, metavar="SECONDS",
           help="how long a stopping agent waits for running commands (default 30)")
-@argh.arg("--all-users", help="serve callers of every uid, as the system agent does "
-                              "(the socket's permissions decide who may connect); "
-                              "else only the agent's own uid and root")
+@argh.arg("--system", help="be the system agent (ov-agent.service): serve callers of "
+                           "every uid (the socket's permissions decide who may "
+                           "connect; else only the agent's own uid and root), and "
+                           "use the system vault and key")
 @VAULT
 def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
                 foreground=False, max_clients=None, grace=None, drain=None,
-                all_users=False, vault=None):
+                system=False, vault=None):
     """Start the agent: hold the key in memory and serve 'ov run --agent'."""
     from . import daemon
 
@@ -379,7 +380,7 @@ def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
     sys.exit(daemon.start(machine_key=machine_key, app=app, socket_path=socket,
                           pid_file=pid_file, foreground=foreground, vault=vault,
                           max_clients=max_clients, grace=grace, drain=drain,
-                          all_users=all_users))
+                          system=system))
 
 
 @argh.named("stop")
@@ -419,6 +420,8 @@ def agent_status(*, socket=None, pid_file=None, machine_key=None):
     print(f"mode: {info['mode']}; key scope: {info['scope']}; default app: "
           f"{info['default_app']}")
     print(f"requests: {counters}")
+    if info.get("reason"):
+        print(f"unconfigured: {info['reason']}")
 
 
 @argh.named("install")

@@ -17,17 +17,17 @@ PID_FILE_NAME = "ov-agent.pid"
 SYSTEM_UNIT = "ov-agent.service"
 
 
-def no_key_help():
-    """How to give this agent a key: the system key and unit for the system agent;
-    a user agent or a unit with another name ('ov agent install --unit-name') gets
-    its own key path and unit."""
+def no_key_help(system):
+    """How to give this agent a key: the system key for the system agent (whatever
+    its user), else its user's; then restart its own unit (one written by 'ov agent
+    install --unit-name' has another name), or the system agent's."""
     from .client import SYSTEM_KEY, default_key_path
     from .systemd_glue import process_cgroups
 
-    unit = process_cgroups(os.getpid())[0] if os.environ.get("INVOCATION_ID") else None
-    if not (unit or "").endswith(".service") or (
-            os.geteuid() == 0 and unit == SYSTEM_UNIT):
-        key_path, scope, unit = SYSTEM_KEY, "", SYSTEM_UNIT
+    own = process_cgroups(os.getpid())[0] if os.environ.get("INVOCATION_ID") else None
+    unit = own if (own or "").endswith(".service") else SYSTEM_UNIT
+    if system:
+        key_path, scope = SYSTEM_KEY, ""
     else:
         key_path, scope = default_key_path(), "" if os.geteuid() == 0 else " --user"
     return (f"create a machine key with 'ov auth derive-machine-key --out {key_path}' "
@@ -52,9 +52,10 @@ def default_pid_file(socket_path=None):
 # -- the key -------------------------------------------------------------------
 
 
-def load_keyring(machine_key, vault_path, app, systemd):
+def load_keyring(machine_key, vault_path, app, systemd, system):
     """Unlock the vault for the agent.  Returns (vault, keyring, mode, key bytes) or,
-    under systemd with nothing to unlock with, (None, None, 'unconfigured', reason)."""
+    under systemd with nothing to unlock with, (None, None, 'unconfigured', reason).
+    The system agent reads the system vault whatever its user."""
     from .cli import _prompt
     from .store import default_vault_path
     from .vault import Vault
@@ -62,13 +63,14 @@ def load_keyring(machine_key, vault_path, app, systemd):
     key_path = machine_key or keyfile.credential_path()
     if key_path is None and not (sys.stdin.isatty() and not systemd):
         if systemd:
-            return None, None, "unconfigured", f"the agent has no machine key: {no_key_help()}"
+            return (None, None, "unconfigured",
+                    f"the agent has no machine key: {no_key_help(system)}")
         raise UsageError("no machine key: pass --machine-key PATH, provide the systemd "
                          "credential machine.kek, or start on a terminal to unlock with "
                          "the master password")
     key = keyfile.read_key(key_path) if key_path else None
     try:
-        vault = Vault.open(vault_path or default_vault_path())
+        vault = Vault.open(vault_path or default_vault_path(system))
     except NotFoundError as exc:
         if systemd:
             return None, None, "unconfigured", f"{exc}"
@@ -153,13 +155,15 @@ def _remove_if_ours(path, inode):
 
 def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
           foreground=False, vault=None, max_clients=None, grace=None, drain=None,
-          all_users=False):
+          system=False):
     from .agent import Agent, KeyState
     from .secmem import LockedKey, harden_process
+    from .server import Server
 
     hardening = harden_process()
     systemd = under_systemd()
-    vault_obj, keyring, mode, key_or_reason = load_keyring(machine_key, vault, app, systemd)
+    vault_obj, keyring, mode, key_or_reason = load_keyring(machine_key, vault, app, systemd,
+                                                           system)
     listener = inherited_listener() if systemd else None
     created = None
     if listener is None:
@@ -179,11 +183,11 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
             raise OvError(f"cannot write pid file {pid_file}: {exc.strerror}") from None
     keys = KeyState(vault_obj, keyring, mode,
                     None if key else key_or_reason, key)
-    options = {name: value for name, value in
-               (("max_clients", max_clients), ("grace", grace), ("drain", drain))
-               if value is not None}
-    agent = Agent(listener, keys, default_app=app, all_users=all_users, audit=audit,
-                  **options)
+    agent = Agent(keys, default_app=app, all_users=system, audit=audit,
+                  **({} if grace is None else {"grace": grace}))
+    server = Server(listener, agent, **{name: value for name, value in
+                                        (("max_clients", max_clients), ("drain", drain))
+                                        if value is not None})
     where = socket_path or "systemd socket"
     audit.event("started", f"ov-agent started on {where} ({mode})", mode=mode,
                 scope=keys.scope, socket=where, hardening=hardening + (
@@ -195,7 +199,7 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
         audit.event("unconfigured", f"ov-agent cannot serve: {key_or_reason}")
     _report(ready_w, "ok")
     try:
-        return agent.serve()
+        return server.serve()
     finally:
         if created is not None:
             _remove_if_ours(socket_path, created)

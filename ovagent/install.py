@@ -26,7 +26,7 @@ DEFAULT_NAME = "ov-agent"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Characters a path may not contain to go into a unit file verbatim.
 UNSAFE_RE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
-AGENT_OPTIONS = "agent start --foreground{all_users} --drain 30 --grace 5"
+AGENT_OPTIONS = "agent start --foreground{system} --drain 30 --grace 5"
 
 # The system service's user and sandbox: the same as units/ov-agent.service (its
 # comments and ov-agent(8) explain them, and the exposure score they yield).
@@ -190,7 +190,7 @@ def plan(*, machine_key, socket=None, unit_name=DEFAULT_NAME, user=False):
     description = "ov-agent secrets agent" + (f" ({name})" if name != DEFAULT_NAME else "")
     description += " (user)" if user else ""
     exec_start = f"{_ov_command()} " + AGENT_OPTIONS.format(
-        all_users="" if user else " --all-users")
+        system="" if user else " --system")
     notes = []
     if user:
         config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")

@@ -91,9 +91,14 @@ def world(pid):
     resource limits and the LSM label.  Raises OSError when unreadable."""
     proc = f"/proc/{pid}"
     facts = {}
-    for name in sorted(os.listdir("/proc/self/ns")):
-        st = os.stat(f"{proc}/ns/{name}")
-        facts[NAMESPACE_NAMES.get(name, f"{name} namespace")] = (st.st_dev, st.st_ino)
+    # Named, not listed: a non-dumpable process (the agent) cannot list its own
+    # /proc/self/ns, though it may stat each entry.
+    for name, what in NAMESPACE_NAMES.items():
+        try:
+            st = os.stat(f"{proc}/ns/{name}")
+            facts[what] = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            facts[what] = None     # a kernel without this kind of namespace
     st = os.stat(f"{proc}/root")
     facts["root directory"] = (st.st_dev, st.st_ino)
     with open(f"{proc}/status", encoding="utf-8", errors="replace") as handle:

@@ -93,32 +93,63 @@ def send_frame(sock, obj, fds=()):
         sock.sendall(data)
 
 
-def _recv_exact(sock, count, deadline, want_fds=False):
-    """Read exactly count bytes before deadline; collect SCM_RIGHTS fds if asked."""
-    chunks, fds, have = [], [], 0
-    while have < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProtocolError(E_TIMEOUT, "timed out reading a frame")
-        sock.settimeout(remaining)
-        try:
-            if want_fds:
-                data, ancdata, _, _ = sock.recvmsg(
-                    count - have, CMSG_SPACE((MAX_FDS + 1) * FD_BYTES),
-                    MSG_CMSG_CLOEXEC)
-                fds += _fds_from(ancdata)
-            else:
-                data = sock.recv(count - have)
-        except TimeoutError:
-            raise ProtocolError(E_TIMEOUT, "timed out reading a frame") from None
-        if not data:
-            _close_all(fds)
-            if have == 0 and not chunks:
-                raise EOFError("peer closed the connection")
-            raise ProtocolError(E_BAD_FRAME, "connection closed inside a frame")
-        chunks.append(data)
-        have += len(data)
-    return b"".join(chunks), fds
+class FrameReader:
+    """One frame, read as its bytes arrive: want() says how many more to read (never
+    past the frame's end, so nothing after it is consumed), feed() takes them and
+    checks the header as soon as it is whole.  Descriptors count only when they come
+    with the header's bytes (recv() drops any sent with the body).  The caller keeps
+    the deadline and closes the descriptors (take_fds, close_fds) on every path."""
+
+    def __init__(self, max_size=MAX_FRAME):
+        self.max_size = max_size
+        self.data = bytearray()
+        self.fds = []
+        self.length = None          # the body's, once the header is whole
+
+    def want(self):
+        return HEADER_LEN + (self.length or 0) - len(self.data)
+
+    def feed(self, data, fds=()):
+        """Take bytes (and descriptors); True once the frame is whole."""
+        self.fds += fds
+        self.data += data
+        if self.length is None and len(self.data) >= HEADER_LEN:
+            self.length = _body_length(bytes(self.data[:HEADER_LEN]), self.max_size)
+            if len(self.fds) > MAX_FDS:
+                raise ProtocolError(E_BAD_REQUEST, f"{len(self.fds)} file descriptors sent")
+        return self.length is not None and len(self.data) == HEADER_LEN + self.length
+
+    def read(self, sock, want_fds=False):
+        """One read from *sock* of at most what the frame still lacks: True once the
+        frame is whole, False if more is needed, None at the end of the stream."""
+        if want_fds and self.length is None:
+            data, ancdata, _, _ = sock.recvmsg(
+                self.want(), CMSG_SPACE((MAX_FDS + 1) * FD_BYTES), MSG_CMSG_CLOEXEC)
+            fds = _fds_from(ancdata)
+        else:
+            data, fds = sock.recv(self.want()), []
+        return self.feed(data, fds) if data or fds else None
+
+    def frame(self):
+        return decode_body(bytes(self.data[HEADER_LEN:]))
+
+    def take_fds(self):
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self):
+        close_fds(self.take_fds())
+
+
+def _body_length(header, max_size):
+    if header[:2] != MAGIC or header[3] != 0:
+        raise ProtocolError(E_BAD_FRAME, "not an ov-agent frame")
+    if header[2] != VERSION:
+        raise ProtocolError(E_BAD_FRAME, f"unsupported protocol version {header[2]}")
+    length = int.from_bytes(header[4:], "big")
+    if length > max_size:
+        raise ProtocolError(E_TOO_LARGE, f"frame of {length} bytes exceeds {max_size}")
+    return length
 
 
 def _fds_from(ancdata):
@@ -130,37 +161,49 @@ def _fds_from(ancdata):
     return fds
 
 
-def _close_all(fds):
-    for fd in fds:
+def close_fds(fds):
+    """Close and forget each descriptor of the list: closing one twice could close a
+    descriptor that has since been given to another connection."""
+    while fds:
         try:
-            os.close(fd)
+            os.close(fds.pop())
         except OSError:
             pass
 
 
+def closed_inside_a_frame():
+    return ProtocolError(E_BAD_FRAME, "connection closed inside a frame")
+
+
+def timed_out():
+    return ProtocolError(E_TIMEOUT, "timed out reading a frame")
+
+
 def recv_frame(sock, timeout=FRAME_TIMEOUT, want_fds=False, max_size=MAX_FRAME):
-    """Read one frame; return (object, fds).  fds are always empty unless want_fds.
+    """Read one frame from a blocking socket; return (object, fds).  fds are always
+    empty unless want_fds, and closed on any failure.
 
     Raises EOFError on a clean close before a frame, ProtocolError otherwise."""
     deadline = time.monotonic() + timeout
-    header, fds = _recv_exact(sock, HEADER_LEN, deadline, want_fds)
+    reader = FrameReader(max_size)
     try:
-        if header[:2] != MAGIC or header[3] != 0:
-            raise ProtocolError(E_BAD_FRAME, "not an ov-agent frame")
-        if header[2] != VERSION:
-            raise ProtocolError(E_BAD_FRAME, f"unsupported protocol version {header[2]}")
-        length = int.from_bytes(header[4:], "big")
-        if length > max_size:
-            raise ProtocolError(E_TOO_LARGE, f"frame of {length} bytes exceeds {max_size}")
-        if len(fds) > MAX_FDS:
-            raise ProtocolError(E_BAD_REQUEST, f"{len(fds)} file descriptors sent")
-        body, _ = _recv_exact(sock, length, deadline)
-        return decode_body(body), fds
-    except EOFError:
-        _close_all(fds)
-        raise ProtocolError(E_BAD_FRAME, "connection closed inside a frame") from None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise timed_out()
+            sock.settimeout(remaining)
+            try:
+                done = reader.read(sock, want_fds)
+            except TimeoutError:
+                raise timed_out() from None
+            if done is None:
+                if reader.data:
+                    raise closed_inside_a_frame()
+                raise EOFError("peer closed the connection")
+            if done:
+                return reader.frame(), reader.take_fds()
     except BaseException:
-        _close_all(fds)
+        reader.close_fds()
         raise
 
 

@@ -71,12 +71,16 @@ class SecretRecord:
     created: float
 
 
-def default_vault_path():
-    """$OV_VAULT, else /var/lib/ov/vault.db for root, else the XDG data dir."""
+SYSTEM_VAULT = "/var/lib/ov/vault.db"
+
+
+def default_vault_path(system=False):
+    """$OV_VAULT, else the system vault for root and the system agent (which runs as
+    its own user), else the XDG data dir."""
     if os.environ.get("OV_VAULT"):
         return os.environ["OV_VAULT"]
-    if os.geteuid() == 0:
-        return "/var/lib/ov/vault.db"
+    if system or os.geteuid() == 0:
+        return SYSTEM_VAULT
     data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(data, "ov", "vault.db")
 

@@ -493,7 +493,7 @@ def run_as(prefix, agent, key, *command, options=(), cwd, env):
 def test_spawn_outside_the_agents_world_is_refused_and_runs_nothing(agents, demo,
                                                                      shared_place, kind):
     base, key = shared_place
-    agent = agents.start("--all-users", sock=base / "r" / "a.sock")
+    agent = agents.start("--system", sock=base / "r" / "a.sock")
     os.chmod(agent.socket.parent, 0o711)
     os.chmod(agent.socket, 0o666)
     if kind == "other-uid":
@@ -561,7 +561,7 @@ def test_spawn_from_another_uid_never_touches_its_cwd(agents, demo, shared_place
     directory as its cwd.  It is refused before any path is resolved, with the same
     answer whether the directory exists or not."""
     base, _ = shared_place
-    agent = agents.start("--all-users", sock=base / "r" / "a.sock")
+    agent = agents.start("--system", sock=base / "r" / "a.sock")
     os.chmod(agent.socket.parent, 0o711)
     os.chmod(agent.socket, 0o666)
     private = base / "private" / ("home" if exists else "nothing-here")
@@ -578,9 +578,9 @@ def test_spawn_from_another_uid_never_touches_its_cwd(agents, demo, shared_place
 
 
 @needs_setpriv
-def test_an_all_users_agent_releases_to_another_uid(agents, demo, shared_place):
+def test_a_system_agent_releases_to_another_uid(agents, demo, shared_place):
     base, key = shared_place
-    agent = agents.start("--all-users", sock=base / "r" / "a.sock")
+    agent = agents.start("--system", sock=base / "r" / "a.sock")
     os.chmod(agent.socket.parent, 0o711)
     os.chmod(agent.socket, 0o666)
     os.chown(key, 65534, 65534)

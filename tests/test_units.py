@@ -180,7 +180,7 @@ def test_system_service_runs_unprivileged():
     assert directive(service, "CapabilityBoundingSet") == [""]
     assert directive(service, "PrivateNetwork") == ["yes"]
     assert directive(service, "RestrictAddressFamilies") == ["AF_UNIX"]
-    assert "--all-users" in directive(service, "ExecStart")[0]
+    assert "--system" in directive(service, "ExecStart")[0]
     sysusers = (UNITS / "sysusers.d" / "ov-agent.conf").read_text()
     assert re.search(r"^u _ov-agent - .* /var/lib/ov ", sysusers, re.M), sysusers
     assert directive(service, "StateDirectory") == ["ov"]

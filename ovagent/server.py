@@ -1,0 +1,339 @@
+"""The agent's event loop: one thread accepts every connection, reads its request
+and writes its answer, without a thread per connection.
+
+Before reading a byte of a new connection it checks SO_PEERCRED and takes a pidfd
+(ovagent/peer.py); it then sends the hello and reads the request frame as its bytes
+arrive, under a deadline per connection.  Status and release requests are answered
+here: they are short, and one thread holding the interpreter lock beats dozens
+handing it to each other (bench/: 28 context switches per request with a thread per
+connection).  A spawn request's connection moves to a thread of its own, which
+supervises the command until it exits.  The loop also feeds the systemd watchdog and
+handles signals: on SIGTERM it stops accepting, finishes what it has read, waits up
+to --drain seconds for spawned commands, then detaches from them.
+"""
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+
+from . import __version__, protocol
+from .errors import OvError
+from .peer import Peer
+from .protocol import ProtocolError
+from .systemd_glue import Notifier
+
+DEFAULT_MAX_CLIENTS = 64
+DEFAULT_DRAIN = 30.0          # seconds SIGTERM waits for requests and spawned commands
+ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
+DETACH_WAIT = 5.0             # seconds for supervisors to let go after detaching
+OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class Connection:
+    """One accepted connection while the loop reads its request and writes its
+    answer; after the answer is queued, nothing more is read from it."""
+
+    def __init__(self, sock, peer, deadline):
+        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.challenge = os.urandom(protocol.CHALLENGE_BYTES).hex()
+        self.request_id = os.urandom(8).hex()
+        self.reader = protocol.FrameReader()
+        self.outgoing = bytearray(protocol.encode_frame({
+            "type": "hello", "version": protocol.VERSION,
+            "agent": f"ov-agent {__version__}", "challenge": self.challenge}))
+        self.answered = False
+
+    def close(self):
+        self.reader.close_fds()
+        self.sock.close()
+        self.peer.close()
+
+
+class Server:
+    def __init__(self, listener, agent, *, max_clients=DEFAULT_MAX_CLIENTS,
+                 drain=DEFAULT_DRAIN, notifier=None):
+        self.listener, self.agent = listener, agent
+        self.max_clients, self.drain = max_clients, drain
+        self.notifier = notifier or Notifier()
+        self.selector = selectors.DefaultSelector()
+        self.connections = set()
+        self._spawned = 0                          # supervising threads
+        self._spawned_done = threading.Condition()
+        self._stop_at = None                       # monotonic time of SIGTERM
+        self._paused_until = None                  # listener rests (EMFILE)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def serve(self):
+        """Serve until SIGTERM/SIGINT, then drain.  Returns the exit status."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: None)
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, READ, "accept")
+        self.selector.register(wake_r, READ, "signal")
+        status = f"serving ({self.agent.keys.mode})"
+        self.notifier.ready(status)
+        self.agent.audit.event("ready", f"ov-agent ready, {status}",
+                               mode=self.agent.keys.mode, scope=self.agent.keys.scope)
+        next_watchdog = time.monotonic()
+        try:
+            while self._stop_at is None or self.connections:
+                now = time.monotonic()
+                if self.notifier.watchdog_interval and now >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = now + self.notifier.watchdog_interval
+                self._resume_accepting(now)
+                for key, events in self.selector.select(self._timeout(now)):
+                    self._on_event(key, events, wake_r)
+                self._expire(time.monotonic())
+        finally:
+            signal.set_wakeup_fd(previous)
+            for conn in list(self.connections):
+                self._close(conn)
+            self.selector.close()
+        self._wait_for_spawned()
+        return 0
+
+    def _timeout(self, now):
+        """Until the next deadline, end of a pause or of the drain, or watchdog ping
+        (at most 1 s)."""
+        moments = [now + min(1.0, self.notifier.watchdog_interval or 1.0)]
+        moments += [conn.deadline for conn in self.connections]
+        if self._paused_until is not None:
+            moments.append(self._paused_until)
+        if self._stop_at is not None:
+            moments.append(self._stop_at + self.drain)
+        return max(0.0, min(moments) - now)
+
+    def _on_event(self, key, events, wake_r):
+        if key.data == "signal":
+            self._on_signals(wake_r)
+        elif key.data == "accept":
+            if not self._accept():
+                # Out of file descriptors: stop polling the listener for a moment
+                # instead of spinning; queued clients wait in the backlog.
+                self.selector.unregister(self.listener)
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE
+        elif key.data in self.connections:
+            if events & WRITE:
+                self._flush(key.data)
+            if events & READ and key.data in self.connections:
+                self._read(key.data)
+
+    def _resume_accepting(self, now):
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._stop_at is None:
+                self.selector.register(self.listener, READ, "accept")
+
+    def _on_signals(self, wake_r):
+        try:
+            data = wake_r.recv(64)
+        except BlockingIOError:
+            return
+        if self._stop_at is None and any(signum in (signal.SIGTERM, signal.SIGINT)
+                                         for signum in data):
+            self._stop_at = time.monotonic()
+            if self._paused_until is None:
+                self.selector.unregister(self.listener)
+            self.notifier.stopping("stopping: waiting for running requests")
+            self.agent.audit.event("stopping", "ov-agent stopping",
+                                   running=self.agent.counters["running"])
+
+    def _expire(self, now):
+        """Refuse a request that did not arrive in time; drop an answer not read in
+        time, and everything once a stopping agent has drained for --drain seconds."""
+        draining_over = self._stop_at is not None and now >= self._stop_at + self.drain
+        for conn in [conn for conn in self.connections if conn.deadline <= now]:
+            if conn.answered:
+                self._close(conn)
+            else:
+                self._refuse(conn, protocol.timed_out())
+        if draining_over:
+            for conn in list(self.connections):
+                self._close(conn)
+
+    # -- one connection ---------------------------------------------------------------
+
+    def _active(self):
+        with self._spawned_done:
+            return len(self.connections) + self._spawned
+
+    def _accept(self):
+        """Accept one connection.  False when out of file descriptors."""
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                return False
+            raise
+        try:
+            peer = Peer(sock)   # SO_PEERCRED and a pidfd before reading any byte
+        except OSError:
+            sock.close()
+            return True
+        why = self.agent.admits(peer)
+        code = protocol.E_PEER
+        if why is None and self._active() >= self.max_clients:
+            self.agent.count("busy")
+            code, why = protocol.E_BUSY, (f"agent busy: {self.max_clients} requests "
+                                          "already running")
+        if why is not None:
+            refuse_and_close(self.agent, sock, peer, ProtocolError(code, why))
+            return True
+        sock.setblocking(False)
+        conn = Connection(sock, peer, time.monotonic() + protocol.FRAME_TIMEOUT)
+        self.connections.add(conn)
+        self.selector.register(sock, READ | WRITE, conn)
+        self._flush(conn)
+        return True
+
+    def _read(self, conn):
+        try:
+            done = conn.reader.read(conn.sock, want_fds=True)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ProtocolError as exc:
+            self._refuse(conn, exc)
+            return
+        except OSError:
+            self._close(conn)              # the client went away
+            return
+        if done is None:
+            if conn.reader.data:
+                self._refuse(conn, protocol.closed_inside_a_frame())
+            else:
+                self._close(conn)
+        elif done:
+            self._dispatch(conn)
+
+    def _dispatch(self, conn):
+        """Verify the whole request and answer it, or hand a spawn to a thread."""
+        fds = conn.reader.take_fds()
+        try:
+            req, subkey = self.agent.authenticate(conn.reader.frame(), conn.challenge,
+                                                  conn.peer)
+            if req["op"] == "spawn":
+                self._hand_over(conn, req, fds)
+                fds = []
+                return
+            if fds:
+                raise ProtocolError(protocol.E_BAD_REQUEST,
+                                    f"a {req['op']} request carries no descriptors")
+            self._answer(conn, self.agent.answer(conn.peer, req, subkey, conn.request_id))
+        except Exception as exc:   # one request must never take the agent down
+            self._refuse(conn, exc)
+        finally:
+            protocol.close_fds(fds)
+
+    def _answer(self, conn, data):
+        """Queue the answer; the connection closes once it is written (or too late)."""
+        conn.outgoing += data
+        conn.answered = True
+        conn.deadline = time.monotonic() + protocol.FRAME_TIMEOUT
+        self._flush(conn)
+
+    def _refuse(self, conn, exc):
+        self._answer(conn, protocol.encode_frame(refusal(self.agent, conn.peer, exc,
+                                                         request_id=conn.request_id)))
+
+    def _flush(self, conn):
+        try:
+            del conn.outgoing[:conn.sock.send(conn.outgoing)]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(conn)
+            return
+        if conn.answered and not conn.outgoing:
+            self._close(conn)
+            return
+        events = (WRITE if conn.outgoing else 0) | (0 if conn.answered else READ)
+        self.selector.modify(conn.sock, events, conn)
+
+    def _close(self, conn):
+        self.connections.discard(conn)
+        self.selector.unregister(conn.sock)
+        conn.close()
+
+    # -- spawned commands -------------------------------------------------------------
+
+    def _hand_over(self, conn, req, fds):
+        """The connection leaves the loop for a thread that runs and supervises the
+        command (blocking reads there are the supervisor's own)."""
+        self.connections.discard(conn)
+        self.selector.unregister(conn.sock)
+        conn.sock.setblocking(True)
+        with self._spawned_done:
+            self._spawned += 1
+        try:
+            threading.Thread(target=self._spawn, args=(conn, req, fds), daemon=True).start()
+        except RuntimeError:
+            self._spawned_ended()
+            protocol.close_fds(fds)
+            refuse_and_close(self.agent, conn.sock, conn.peer, ProtocolError(
+                protocol.E_BUSY, "agent cannot start a thread"))
+
+    def _spawn(self, conn, req, fds):
+        try:
+            self.agent.spawn(conn.sock, conn.peer, req, fds, conn.request_id)
+        except EOFError:
+            pass
+        except Exception as exc:   # refused, or failed: say so, keep serving
+            refuse_and_close(self.agent, conn.sock, conn.peer, exc,
+                             request_id=conn.request_id)
+        finally:
+            protocol.close_fds(fds)
+            conn.close()
+            self._spawned_ended()
+
+    def _spawned_ended(self):
+        with self._spawned_done:
+            self._spawned -= 1
+            self._spawned_done.notify_all()
+
+    def _wait_for_spawned(self):
+        """Let spawned commands finish until --drain is over, then detach the rest."""
+        with self._spawned_done:
+            left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
+            if self._spawned_done.wait_for(lambda: self._spawned == 0, timeout=max(0, left)):
+                return
+        self.agent.detach()
+        with self._spawned_done:
+            self._spawned_done.wait_for(lambda: self._spawned == 0, timeout=DETACH_WAIT)
+
+
+def refusal(agent, peer, exc, **fields):
+    """The error frame for an exception that ends a request (recorded as denied)."""
+    if isinstance(exc, ProtocolError):
+        code, message, status = exc.code, str(exc), exc.exit_status
+    elif isinstance(exc, OvError):
+        code, message, status = protocol.E_INTERNAL, str(exc), None
+    else:
+        code, message, status = (protocol.E_INTERNAL,
+                                 f"internal error ({type(exc).__name__})", None)
+    return agent.refused(peer, code, message, status, **fields)
+
+
+def refuse_and_close(agent, sock, peer, exc, **fields):
+    """Refuse on a socket outside the loop (a new one, or a supervisor's): one small
+    frame, sent with a short timeout, then close it and the peer's pidfd."""
+    try:
+        sock.settimeout(1.0)
+        protocol.send_frame(sock, refusal(agent, peer, exc, **fields))
+    except (OSError, ProtocolError):   # gone, or a message too large to send
+        pass
+    finally:
+        sock.close()
+        peer.close()
