@@ -13,6 +13,7 @@ import pytest
 from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
 from agent_fixtures import (DEMO_SECRETS, NotifyListener, Session, needs_socket_activate,
                             probe, protocol, redact, sha256, signed)
+from ovagent import store
 
 
 pytestmark = needs_socket_activate
@@ -100,6 +101,36 @@ def test_without_a_key_it_starts_unconfigured_and_says_why(agents):
     assert result.returncode == 6, redact(result.err)
     assert "[unconfigured]" in result.err and "derive-machine-key" in result.err
     assert "unconfigured: ov-agent cannot serve" in agent.log()
+
+
+def test_an_unconfigured_agent_still_answers_status(agents):
+    """No key to sign with, nothing to protect: status says why it cannot serve."""
+    agent = agents.activated(key=False)
+    result = agent.status()
+    assert result.returncode == 0, redact(result.err)
+    assert f"(pid {agent.pid}) up " in result.out
+    assert "mode: unconfigured" in result.out
+    assert "unconfigured: the agent has no machine key: create a machine key" in result.out
+
+
+def test_the_system_agent_names_the_system_key_whatever_its_user(agents):
+    """--system (ov-agent.service runs it as _ov-agent): the how-to names the system
+    key and unit, not those of the agent's own user."""
+    agent = agents.activated("--system", key=False)
+    result = agent.run("true")
+    assert result.returncode == 6, redact(result.err)
+    assert "--out /etc/ov/machine.kek" in result.err, result.err
+    assert "'systemctl restart ov-agent.service'" in result.err, result.err
+
+
+def test_the_system_agent_reads_the_system_vault_whatever_its_user(monkeypatch):
+    monkeypatch.delenv("OV_VAULT", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", "/home/someone/.local/share")
+    monkeypatch.setattr(os, "geteuid", lambda: 993)
+    assert store.default_vault_path() == "/home/someone/.local/share/ov/vault.db"
+    assert store.default_vault_path(system=True) == store.SYSTEM_VAULT
+    monkeypatch.setenv("OV_VAULT", "/srv/v.db")
+    assert store.default_vault_path(system=True) == "/srv/v.db"
 
 
 # -- sd_notify ---------------------------------------------------------------------------
