@@ -31,19 +31,20 @@ DEFAULT_GRACE = 5.0           # seconds between SIGTERM and SIGKILL of an orphan
 NONCE_CAPACITY = 100_000
 RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
 UNSIGNED_RELEASE = ("an unsigned request cannot have secrets released: they are sealed "
-                    "to the machine key that signs the request (an agent unlocked with "
-                    "the master password serves only 'ov run --agent --spawn')")
+                    "to the machine key that signs the request (without a key, an agent "
+                    "unlocked with the master password serves 'ov run --agent --spawn' "
+                    "to its own uid)")
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified, hybrid
 
 
 def _in_callers_place(cgroup_fd, core_limit):
     """preexec_fn of a spawned command, or None when there is nothing to do (then
-    subprocess may vfork, much cheaper than fork).  It writes "0" (itself) to the
-    caller's cgroup.procs before exec, so neither the command nor anything it forks
-    ever runs in the agent's cgroup when the kernel lets it move (a restart of the
-    agent would kill it there, and journald would file its output under the agent's
-    unit); and it takes back the caller's soft core limit, which the agent lowers
-    for itself.  Only system calls: safe in a threaded parent."""
+    subprocess may vfork, much cheaper than fork).  Where the kernel lets it, it
+    writes "0" (itself) to the caller's cgroup.procs before exec, so that neither the
+    command nor anything it forks runs in the agent's cgroup: it belongs to its
+    caller's unit (stopped and accounted with it, its output filed under it by
+    journald); and it takes back the caller's soft core limit, which the agent
+    lowers for itself.  Only system calls: safe in a threaded parent."""
     soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
     if cgroup_fd is None and core_limit == soft:
         return None
@@ -232,9 +233,16 @@ class Agent:
         plaintext = seal.encode_secrets({name: value for name, (_, value)
                                          in revealed.items()})
         sealed = seal.seal(subkey, req, plaintext)
-        frame = protocol.encode_frame({
-            "type": "released", "request_id": request_id,
-            "sealed": binascii.b2a_base64(sealed, newline=False).decode("ascii")})
+        try:
+            frame = protocol.encode_frame({
+                "type": "released", "request_id": request_id,
+                "sealed": binascii.b2a_base64(sealed, newline=False).decode("ascii")},
+                max_size=protocol.MAX_RELEASED)
+        except ProtocolError:
+            raise ProtocolError(protocol.E_TOO_LARGE, f"the {len(revealed)} secret(s) of "
+                                f"{app}/{env} take {len(plaintext)} bytes, more than a "
+                                "command's environment can hold; name fewer with "
+                                "--secrets") from None
         names = sorted(revealed)
         self._record("released", f"released {len(names)} secret(s) of {app}/{env} to "
                      f"uid {peer.uid} for {req['argv0']}", request_id=request_id,
@@ -258,16 +266,16 @@ class Agent:
         if theirs is None:
             raise ProtocolError(protocol.E_SPAWN_REFUSED, "--spawn: the agent cannot "
                                 f"inspect your process (pid {peer.pid}){drop}")
-        different = peers.differences(peers.world(os.getpid()), theirs)
+        different = peers.differences(peers.world_of(os.getpid()), theirs)
         if different:
             raise ProtocolError(protocol.E_SPAWN_REFUSED, "--spawn: your process and "
                                 f"the agent differ in: {', '.join(different)}{drop}")
         return theirs
 
-    def spawn(self, conn, peer, req, fds, request_id):
+    def spawn(self, sock, peer, req, fds, request_id):
         """Run the command of a verified spawn request and supervise it until it
-        exits; *conn* is a blocking socket, *fds* the client's stdin/stdout/stderr
-        (closed here once the command has them)."""
+        exits; *sock* is the client's (blocking) socket, *fds* its stdin, stdout and
+        stderr (closed here once the command has them)."""
         world = self._check_world(peer)
         if len(fds) != 3:
             raise ProtocolError(protocol.E_BAD_REQUEST,
@@ -298,12 +306,13 @@ class Agent:
         self.count("accepted")
         self.count("running")
         try:
+            pidfd = self._watch(child)
             try:
-                protocol.send_frame(conn, {"type": "started", "pid": child.pid,
+                protocol.send_frame(sock, {"type": "started", "pid": child.pid,
                                            "request_id": request_id})
             except OSError:
                 pass  # the client is gone: _supervise sees it and stops the command
-            result = self._supervise(conn, child)
+            result = self._supervise(sock, child, pidfd)
         finally:
             self.count("running", -1)
         self.audit.event("exited", f"{req['argv'][0]} (pid {child.pid}) {result}",
@@ -329,13 +338,24 @@ class Agent:
                 continue
         return None
 
-    def _supervise(self, conn, child):
-        """Relay signals until the child exits; kill its group if the client leaves.
-        (select.poll rather than a selectors object: nothing to create, register
-        and close on every request.)"""
-        pidfd = os.pidfd_open(child.pid)
+    def _watch(self, child):
+        """A pidfd for the command; without one (out of descriptors) it cannot be
+        supervised, so it is killed and reaped at once."""
+        try:
+            return os.pidfd_open(child.pid)
+        except OSError as exc:
+            self._signal_group(child.pid, signal.SIGKILL)
+            child.wait()
+            raise ProtocolError(protocol.E_INTERNAL, "cannot watch the command "
+                                f"({exc.strerror}); it was stopped") from None
+
+    def _supervise(self, sock, child, pidfd):
+        """Relay signals until the child exits; kill its group if the client leaves
+        (even if the agent stops meanwhile).  Closes *pidfd*.  (select.poll rather
+        than a selectors object: nothing to create, register and close on every
+        request.)"""
         poller = select.poll()
-        for fd in (pidfd, conn.fileno(), self._detach_r):
+        for fd in (pidfd, sock.fileno(), self._detach_r):
             poller.register(fd, select.POLLIN)
         kill_at = None
         try:
@@ -353,23 +373,26 @@ class Agent:
                              else {"type": "exit", "code": None, "signal": -code})
                     if kill_at is None:
                         try:
-                            protocol.send_frame(conn, frame)
+                            protocol.send_frame(sock, frame)
                         except OSError:
                             pass
                         return (f"exited with status {code}" if code >= 0
                                 else f"killed by signal {-code}")
                     return f"terminated after its client went away (status {code})"
                 if self._detach_r in ready:
+                    if kill_at is not None:    # no client: finish stopping it first
+                        poller.unregister(self._detach_r)
+                        continue
                     try:
-                        protocol.send_frame(conn, {"type": "detached", "pid": child.pid})
+                        protocol.send_frame(sock, {"type": "detached", "pid": child.pid})
                     except OSError:
                         pass
                     return "left running: the agent stopped"
-                if conn.fileno() in ready:
+                if sock.fileno() in ready:
                     try:
-                        frame, _ = protocol.recv_frame(conn)
+                        frame, _ = protocol.recv_frame(sock)
                     except (EOFError, ProtocolError, OSError):
-                        poller.unregister(conn)
+                        poller.unregister(sock)
                         self._signal_group(child.pid, signal.SIGTERM)
                         kill_at = time.monotonic() + self.grace
                         continue

@@ -99,9 +99,9 @@ def _not_running(path, why):
             "'ov agent start' or 'systemctl start ov-agent.socket'")
 
 
-def _expect(sock, *types, timeout=CONNECT_TIMEOUT):
+def _expect(sock, *types, timeout=CONNECT_TIMEOUT, max_size=protocol.MAX_FRAME):
     try:
-        frame, _ = protocol.recv_frame(sock, timeout=timeout)
+        frame, _ = protocol.recv_frame(sock, timeout=timeout, max_size=max_size)
     except EOFError:
         raise AgentError("the agent closed the connection") from None
     except protocol.ProtocolError as exc:
@@ -138,12 +138,15 @@ def _signed(sock, op, key, **fields):
     return req, subkey
 
 
+def _where_keys_come_from():
+    return (f"no machine key found: pass --machine-key, or provide "
+            f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or {default_key_path()}")
+
+
 def _explain_unsigned(error, key):
     """An unsigned request was refused: say where a key would have come from."""
     if key is None and error.exit_code == EXIT_AUTH:
-        error.args = (f"{error} (no machine key found: pass --machine-key, or provide "
-                      f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or "
-                      f"{default_key_path()})",)
+        error.args = (f"{error} ({_where_keys_come_from()})",)
     return error
 
 
@@ -164,13 +167,15 @@ def status(socket_path, key):
 def release(argv0, *, socket_path, key, app, env, secrets):
     """Ask the agent for the secrets, sealed to this request; return name -> bytes."""
     if key is None:
-        raise AuthError(_no_key_message())
+        raise AuthError(f"{_where_keys_come_from()}.  The agent seals the secrets to a "
+                        "request signed with it; without a key, an agent unlocked with "
+                        "the master password serves 'ov run --agent --spawn'")
     sock = connect(socket_path)
     try:
         req, subkey = _signed(sock, "release", key, app=app, env=env, secrets=secrets,
                               argv0=argv0)
         protocol.send_frame(sock, req)
-        frame = _expect(sock, "released")
+        frame = _expect(sock, "released", max_size=protocol.MAX_RELEASED)
         return seal.decode_secrets(seal.open_sealed(subkey, req, _sealed_bytes(frame)))
     except OSError as exc:
         raise AgentError(f"lost the agent: {exc.strerror}") from None
@@ -187,23 +192,21 @@ def _sealed_bytes(frame):
         raise AgentError("bad answer from the agent: no sealed secrets") from None
 
 
-def _no_key_message():
-    return (f"no machine key found (pass --machine-key, or provide "
-            f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or {default_key_path()}): "
-            "the agent seals the secrets to a request signed with it.  An agent "
-            "unlocked with the master password serves only 'ov run --agent --spawn'")
-
-
 def spawn(argv, *, socket_path, key, app, env, secrets):
     """Let the agent run argv (only in the caller's own world); return the exit status
     to exit with."""
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        raise AgentError(f"cannot tell the agent the working directory: "
+                         f"{exc.strerror}") from None
     sock = connect(socket_path)
     old_umask = os.umask(0)
     os.umask(old_umask)
     environ = {os.fsdecode(k): os.fsdecode(v) for k, v in os.environb.items()}
     try:
         req, _ = _signed(sock, "spawn", key, app=app, env=env, secrets=secrets,
-                         argv=argv, environ=environ, cwd=os.getcwd(), umask=old_umask)
+                         argv=argv, environ=environ, cwd=cwd, umask=old_umask)
         relay = _catch_signals()
         protocol.send_frame(sock, req, fds=(0, 1, 2))
         _expect(sock, "started")
@@ -247,9 +250,18 @@ def _wait(sock, relay):
             frame = _expect(sock, "exit", "detached", timeout=protocol.FRAME_TIMEOUT)
             if frame["type"] == "detached":
                 return _wait_detached(frame.get("pid"))
-            if frame.get("signal"):
-                return 128 + int(frame["signal"])
-            return int(frame["code"])
+            return _exit_status(frame)
+
+
+def _exit_status(frame):
+    """What to exit with for an 'exit' frame: the command's status, 128+N for
+    death by signal N."""
+    signum, code = frame.get("signal"), frame.get("code")
+    if type(signum) is int and 0 < signum < 128:
+        return 128 + signum
+    if type(code) is int and 0 <= code < 256:
+        return code
+    raise AgentError("bad answer from the agent: an exit frame without a status")
 
 
 def _wait_detached(pid):

@@ -30,9 +30,10 @@ NAMESPACE_NAMES = {"cgroup": "cgroup namespace", "ipc": "IPC namespace",
                    "user": "user namespace", "uts": "UTS namespace"}
 STATUS_FIELDS = {"Uid": "uids", "Gid": "gids", "Groups": "supplementary groups",
                  "NoNewPrivs": "NoNewPrivs", "Seccomp": "seccomp mode",
-                 "Seccomp_filters": "seccomp filters", "CapInh": "inheritable capabilities",
-                 "CapPrm": "permitted capabilities", "CapEff": "effective capabilities",
-                 "CapBnd": "capability bounding set", "CapAmb": "ambient capabilities"}
+                 "CapInh": "inheritable capabilities", "CapPrm": "permitted capabilities",
+                 "CapEff": "effective capabilities", "CapBnd": "capability bounding set",
+                 "CapAmb": "ambient capabilities"}
+SECCOMP_FILTERED = ["2"]            # /proc shows that filters exist, not which
 CORE_LIMIT = "Max core file size"   # the agent lowers its own soft limit (secmem)
 
 
@@ -44,8 +45,12 @@ class Peer:
                                 struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
         self.pidfd = _peer_pidfd(conn, self.pid)
-        unit, cgroup = process_cgroups(self.pid)
-        self.unit, self.cgroup = (unit, cgroup) if self.running() else (None, None)
+        try:
+            unit, cgroup = process_cgroups(self.pid)
+            self.unit, self.cgroup = (unit, cgroup) if self.running() else (None, None)
+        except BaseException:
+            self.close()
+            raise
 
     def running(self):
         """True while the pidfd's process runs (so /proc/PID still is that process)."""
@@ -60,10 +65,10 @@ class Peer:
                 "peer_unit": self.unit}
 
     def world(self):
-        """The peer's world (see world()), or None when it cannot be read or the
+        """The peer's world (see world_of()), or None when it cannot be read or the
         process is gone."""
         try:
-            facts = world(self.pid)
+            facts = world_of(self.pid)
         except OSError:
             return None
         return facts if self.running() else None
@@ -85,7 +90,7 @@ def _peer_pidfd(conn, pid):
         return None   # gone already: nothing read from /proc/PID will be trusted
 
 
-def world(pid):
+def world_of(pid):
     """What a command spawned by the agent would inherit from it instead of from
     process *pid*: namespaces, root, credentials, NoNewPrivs, seccomp, capabilities,
     resource limits and the LSM label.  Raises OSError when unreadable."""
@@ -120,7 +125,9 @@ def world(pid):
 
 def differences(mine, theirs):
     """The names of the facts in which world *theirs* differs from *mine*.  The
-    agent's soft core limit is its own (it lowers it); only the hard one counts."""
+    agent's soft core limit is its own (it lowers it); only the hard one counts.
+    Seccomp filters cannot be compared (only their number shows): any filter, on
+    either side, is a difference."""
     core = f"limit '{CORE_LIMIT}'"
     different = []
     for name in mine.keys() | theirs.keys():
@@ -129,7 +136,9 @@ def differences(mine, theirs):
             ours, other = ours[1], other[1]
         if ours != other:
             different.append(name)
-    return sorted(different)
+    if SECCOMP_FILTERED in (mine.get("seccomp mode"), theirs.get("seccomp mode")):
+        different.append("seccomp filters (they cannot be compared)")
+    return sorted(set(different))
 
 
 def core_soft_limit(facts):

@@ -33,6 +33,10 @@ VERSION = 2
 MAGIC = b"OV"
 HEADER_LEN = 8
 MAX_FRAME = 1 << 20          # 1 MiB: argv + environment comfortably fit
+# A 'released' frame may be larger: sealed secrets in base64, up to what execve()
+# takes as an environment (ARG_MAX, 2 MiB on Linux), plus a third for base64.
+MAX_RELEASED = 3 << 20
+MAX_COMMAND = 4096           # bytes of argv[0]: a path (PATH_MAX), also audited
 FRAME_TIMEOUT = 10.0         # seconds for one whole frame to arrive
 CLOCK_WINDOW = 30            # seconds a request's timestamp may differ from the agent's
 NONCE_BYTES = 16
@@ -75,10 +79,10 @@ class ProtocolError(Exception):
 # -- framing -----------------------------------------------------------------
 
 
-def encode_frame(obj):
+def encode_frame(obj, max_size=MAX_FRAME):
     body = "".join(_encode_json(obj, 0)).encode("ascii")
-    if len(body) > MAX_FRAME:
-        raise ProtocolError(E_TOO_LARGE, f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    if len(body) > max_size:
+        raise ProtocolError(E_TOO_LARGE, f"frame of {len(body)} bytes exceeds {max_size}")
     return MAGIC + bytes((VERSION, 0)) + len(body).to_bytes(4, "big") + body
 
 
@@ -115,8 +119,8 @@ class FrameReader:
         self.data += data
         if self.length is None and len(self.data) >= HEADER_LEN:
             self.length = _body_length(bytes(self.data[:HEADER_LEN]), self.max_size)
-            if len(self.fds) > MAX_FDS:
-                raise ProtocolError(E_BAD_REQUEST, f"{len(self.fds)} file descriptors sent")
+        if len(self.fds) > MAX_FDS:     # at once: a header in pieces could carry more
+            raise ProtocolError(E_BAD_REQUEST, f"{len(self.fds)} file descriptors sent")
         return self.length is not None and len(self.data) == HEADER_LEN + self.length
 
     def read(self, sock, want_fds=False):
@@ -347,10 +351,16 @@ def validate_request(obj):
     for name in obj.get("secrets") or ():
         _check_text("secret name", name)
     if obj["op"] == "release":
-        _check_text("argv0", obj["argv0"])
+        _check_command(_check_text("argv0", obj["argv0"]))
     if obj["op"] == "spawn":
         _check_spawn(obj)
     return obj
+
+
+def _check_command(command):
+    if len(command.encode("utf-8", "surrogateescape")) > MAX_COMMAND:
+        raise ProtocolError(E_BAD_REQUEST, f"the command is longer than {MAX_COMMAND} "
+                            "bytes")
 
 
 def _check_spawn(obj):
@@ -358,6 +368,7 @@ def _check_spawn(obj):
         raise ProtocolError(E_BAD_REQUEST, "argv is empty")
     for arg in obj["argv"]:
         _check_text("argv element", arg)
+    _check_command(obj["argv"][0])
     for name, value in obj["environ"].items():
         _check_text("environment value", value)
         if not name or "=" in _check_text("environment name", name):

@@ -66,42 +66,70 @@ class Server:
         self._spawned_done = threading.Condition()
         self._stop_at = None                       # monotonic time of SIGTERM
         self._paused_until = None                  # listener rests (EMFILE)
+        self._listening = False                    # the listener is in the selector
+        self._wake = None                          # signal wake-up pair (read, write)
 
     # -- the loop ---------------------------------------------------------------------
 
     def serve(self):
-        """Serve until SIGTERM/SIGINT, then drain.  Returns the exit status."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)
+        """Serve until SIGTERM or SIGINT, then drain (a clean stop: exit status 0)."""
+        self._wake = socket.socketpair()
+        for end in self._wake:
+            end.setblocking(False)
+        previous = signal.set_wakeup_fd(self._wake[1].fileno(), warn_on_full_buffer=False)
+        handlers = {signum: signal.signal(signum, lambda *_: None)
+                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         self.listener.setblocking(False)
-        self.selector.register(self.listener, READ, "accept")
-        self.selector.register(wake_r, READ, "signal")
+        self._listen(True)
+        self.selector.register(self._wake[0], READ, "signal")
         status = f"serving ({self.agent.keys.mode})"
         self.notifier.ready(status)
         self.agent.audit.event("ready", f"ov-agent ready, {status}",
                                mode=self.agent.keys.mode, scope=self.agent.keys.scope)
-        next_watchdog = time.monotonic()
         try:
-            while self._stop_at is None or self.connections:
-                now = time.monotonic()
-                if self.notifier.watchdog_interval and now >= next_watchdog:
-                    self.notifier.watchdog()
-                    next_watchdog = now + self.notifier.watchdog_interval
-                self._resume_accepting(now)
-                for key, events in self.selector.select(self._timeout(now)):
-                    self._on_event(key, events, wake_r)
-                self._expire(time.monotonic())
+            self._loop()
         finally:
             signal.set_wakeup_fd(previous)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             for conn in list(self.connections):
                 self._close(conn)
             self.selector.close()
+            for end in self._wake:
+                end.close()
         self._wait_for_spawned()
         return 0
+
+    def _loop(self):
+        next_watchdog = time.monotonic()
+        while self._stop_at is None or self.connections:
+            now = time.monotonic()
+            if self.notifier.watchdog_interval and now >= next_watchdog:
+                self.notifier.watchdog()
+                next_watchdog = now + self.notifier.watchdog_interval
+            self._resume_accepting(now)
+            for key, events in self.selector.select(self._timeout(now)):
+                try:
+                    self._on_event(key, events)
+                except Exception as exc:   # one connection never takes the agent down
+                    self._failed(key.data, exc)
+            self._expire(time.monotonic())
+
+    def _failed(self, conn, exc):
+        """An unexpected error while serving: refuse that connection, keep serving."""
+        if conn in self.connections:
+            if conn.answered:
+                self._close(conn)
+            else:
+                self._refuse(conn, exc)
+
+    def _listen(self, on):
+        if on != self._listening:
+            if on:
+                self.selector.register(self.listener, READ, "accept")
+            else:
+                self.selector.unregister(self.listener)
+            self._listening = on
 
     def _timeout(self, now):
         """Until the next deadline, end of a pause or of the drain, or watchdog ping
@@ -114,14 +142,14 @@ class Server:
             moments.append(self._stop_at + self.drain)
         return max(0.0, min(moments) - now)
 
-    def _on_event(self, key, events, wake_r):
+    def _on_event(self, key, events):
         if key.data == "signal":
-            self._on_signals(wake_r)
+            self._on_signals()
         elif key.data == "accept":
-            if not self._accept():
+            if self._listening and not self._accept():
                 # Out of file descriptors: stop polling the listener for a moment
                 # instead of spinning; queued clients wait in the backlog.
-                self.selector.unregister(self.listener)
+                self._listen(False)
                 self._paused_until = time.monotonic() + ACCEPT_PAUSE
         elif key.data in self.connections:
             if events & WRITE:
@@ -132,19 +160,17 @@ class Server:
     def _resume_accepting(self, now):
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
-            if self._stop_at is None:
-                self.selector.register(self.listener, READ, "accept")
+            self._listen(self._stop_at is None)
 
-    def _on_signals(self, wake_r):
+    def _on_signals(self):
         try:
-            data = wake_r.recv(64)
+            data = self._wake[0].recv(64)
         except BlockingIOError:
             return
         if self._stop_at is None and any(signum in (signal.SIGTERM, signal.SIGINT)
                                          for signum in data):
             self._stop_at = time.monotonic()
-            if self._paused_until is None:
-                self.selector.unregister(self.listener)
+            self._listen(False)
             self.notifier.stopping("stopping: waiting for running requests")
             self.agent.audit.event("stopping", "ov-agent stopping",
                                    running=self.agent.counters["running"])
@@ -180,7 +206,7 @@ class Server:
             raise
         try:
             peer = Peer(sock)   # SO_PEERCRED and a pidfd before reading any byte
-        except OSError:
+        except Exception:       # gone already, or /proc unreadable: nobody to serve
             sock.close()
             return True
         why = self.agent.admits(peer)
@@ -245,8 +271,8 @@ class Server:
         self._flush(conn)
 
     def _refuse(self, conn, exc):
-        self._answer(conn, protocol.encode_frame(refusal(self.agent, conn.peer, exc,
-                                                         request_id=conn.request_id)))
+        self._answer(conn, protocol.encode_frame(record_refusal(
+            self.agent, conn.peer, exc, request_id=conn.request_id)))
 
     def _flush(self, conn):
         try:
@@ -271,7 +297,10 @@ class Server:
 
     def _hand_over(self, conn, req, fds):
         """The connection leaves the loop for a thread that runs and supervises the
-        command (blocking reads there are the supervisor's own)."""
+        command (blocking reads there are the supervisor's own).  A stopping agent
+        starts no command: it would only have to detach from it."""
+        if self._stop_at is not None:
+            raise ProtocolError(protocol.E_BUSY, "agent stopping; retry")
         self.connections.discard(conn)
         self.selector.unregister(conn.sock)
         conn.sock.setblocking(True)
@@ -283,13 +312,11 @@ class Server:
             self._spawned_ended()
             protocol.close_fds(fds)
             refuse_and_close(self.agent, conn.sock, conn.peer, ProtocolError(
-                protocol.E_BUSY, "agent cannot start a thread"))
+                protocol.E_BUSY, "agent cannot start a thread"), request_id=conn.request_id)
 
     def _spawn(self, conn, req, fds):
         try:
             self.agent.spawn(conn.sock, conn.peer, req, fds, conn.request_id)
-        except EOFError:
-            pass
         except Exception as exc:   # refused, or failed: say so, keep serving
             refuse_and_close(self.agent, conn.sock, conn.peer, exc,
                              request_id=conn.request_id)
@@ -314,8 +341,8 @@ class Server:
             self._spawned_done.wait_for(lambda: self._spawned == 0, timeout=DETACH_WAIT)
 
 
-def refusal(agent, peer, exc, **fields):
-    """The error frame for an exception that ends a request (recorded as denied)."""
+def record_refusal(agent, peer, exc, **fields):
+    """Record an exception that ends a request as denied; return its error frame."""
     if isinstance(exc, ProtocolError):
         code, message, status = exc.code, str(exc), exc.exit_status
     elif isinstance(exc, OvError):
@@ -331,7 +358,7 @@ def refuse_and_close(agent, sock, peer, exc, **fields):
     frame, sent with a short timeout, then close it and the peer's pidfd."""
     try:
         sock.settimeout(1.0)
-        protocol.send_frame(sock, refusal(agent, peer, exc, **fields))
+        protocol.send_frame(sock, record_refusal(agent, peer, exc, **fields))
     except (OSError, ProtocolError):   # gone, or a message too large to send
         pass
     finally:

@@ -144,8 +144,8 @@ class SqliteStore:
     def _connect(self):
         uri = "file:" + urllib.parse.quote(self.path) + "?mode=rw"
         try:
-            # check_same_thread=False: the agent shares one connection between
-            # its request threads and serializes them with its own lock.
+            # check_same_thread=False: the agent shares one connection between its
+            # event loop and the threads of spawned commands, under its own lock.
             db = sqlite3.connect(uri, uri=True, isolation_level=None,
                                  timeout=BUSY_TIMEOUT_MS / 1000,
                                  check_same_thread=False)

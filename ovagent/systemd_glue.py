@@ -152,7 +152,8 @@ def process_cgroups(pid):
     The unit is the innermost service or scope (from the cgroup2 or name=systemd
     hierarchy); the path is None on pure cgroup v1.  (None, None) if unreadable."""
     try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
+        # A cgroup's name is any bytes its creator chose: never fail on them.
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
     except OSError:
         return None, None

@@ -596,9 +596,11 @@ def test_a_system_agent_releases_to_another_uid(agents, demo, shared_place):
 # -- an agent unlocked with the master password --------------------------------------
 
 
-def test_an_interactive_agent_serves_only_spawn_from_its_own_uid(agents, demo):
-    """Nothing to seal with: no machine key.  Unsigned --spawn from the agent's uid
-    works (SO_PEERCRED, as ssh-agent); in place is refused, saying to use --spawn."""
+def test_without_a_key_an_interactive_agent_serves_only_spawn(agents, demo):
+    """Without a key file there is nothing to seal with: an agent unlocked with the
+    master password serves unsigned --spawn from its uid (SO_PEERCRED, as ssh-agent);
+    in place is refused, saying to use --spawn.  A client holding the vault's key
+    (the KEK the agent unlocked) still gets its secrets released, sealed."""
     agent = agents.start_interactive()
     result = agent.run("sh", "-c", 'printf %s "$API_TOKEN" | sha256sum', key=False,
                        options=SPAWN)
@@ -606,8 +608,57 @@ def test_an_interactive_agent_serves_only_spawn_from_its_own_uid(agents, demo):
     assert result.out.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
     result = agent.run("true", key=False)
     assert result.returncode == 4, redact(result.err)
-    assert "serves only 'ov run --agent --spawn'" in result.err
+    assert "serves 'ov run --agent --spawn'" in result.err
     with Session(agent.socket) as session:
         reply = session.request(signed(None, session.challenge, "release"))
     assert reply["code"] == protocol.E_AUTH, reply
-    assert "serves only 'ov run --agent --spawn'" in reply["message"]
+    assert "serves 'ov run --agent --spawn'" in reply["message"]
+    result = agent.run("sh", "-c", 'printf %s "$API_TOKEN" | sha256sum', key=demo.key)
+    assert result.returncode == 0, redact(result.err)
+    assert result.out.split()[0] == sha256(DEMO_SECRETS["API_TOKEN"])
+
+
+# -- big releases, and stopping while a command is being stopped ---------------------
+
+
+def big_env(demo, tmp_path, env, count, size=60_000):
+    """An environment of the demo app holding *count* secrets of *size* bytes."""
+    dotenv = tmp_path / f"{env}.env"
+    dotenv.write_text("".join(f"BIG_{n:03d}={os.urandom(size // 2).hex()}\n"
+                              for n in range(count)))
+    demo.ov("env", "create", env, "--app", "demo", check=0)
+    demo.ov("secret", "import", str(dotenv), "--app", "demo", "--env", env,
+            "--machine-key", str(demo.key), check=0)
+    return dotenv
+
+
+def test_more_than_a_frame_of_secrets_is_released_up_to_what_exec_takes(agent, demo,
+                                                                         tmp_path):
+    """Sealed secrets may exceed the 1 MiB request frame (1.2 MB here, 1.6 MB in
+    base64); beyond what an environment can hold (about 2 MiB) the agent says to
+    name fewer, instead of a bare frame error."""
+    dotenv = big_env(demo, tmp_path, "big", 20)
+    first = dotenv.read_text().splitlines()[0].split("=", 1)[1]
+    result = agent.run("sh", "-c", 'printf %s "$BIG_000" | sha256sum',
+                       options=["--env", "big"])
+    assert result.returncode == 0, redact(result.err)
+    assert result.out.split()[0] == sha256(first)
+    big_env(demo, tmp_path, "huge", 45)
+    result = agent.run("true", options=["--env", "huge"])
+    assert result.returncode == 6, redact(result.err)
+    assert "name fewer with --secrets [too-large]" in result.err, result.err
+
+
+def test_a_stopping_agent_still_kills_a_command_whose_client_is_gone(agents):
+    """The client vanished, its command ignores SIGTERM; the agent stops before the
+    grace period ends: detaching must not cancel the SIGKILL."""
+    agent = agents.start("--drain", "0.2")
+    client = agent.client("sh", "-c", "trap '' TERM; echo $$; while :; do sleep 0.1; done",
+                          options=SPAWN)
+    pid = int(read_line(client.stdout))
+    agent.harness.track(pid)
+    client.kill()
+    client.wait(5)
+    agent.terminate()
+    wait_for(lambda: pid_gone(pid, zombie_ok=True), "the command to be killed",
+             timeout=GRACE + 5)

@@ -377,3 +377,71 @@ def test_with_no_audit_sink_nothing_runs(agents, demo, tmp_path):
         wrapper.kill()
         subprocess.run(["pkill", "-f", str(sock)], check=False)
         wrapper.wait(10)
+
+
+def test_descriptors_on_a_header_sent_byte_by_byte_are_refused_at_once(agent, tmp_path):
+    """The count is checked with every byte, not once the header is whole: a header
+    in eight pieces cannot park 8 x 4 descriptors in the agent."""
+    mine = tmp_path / "passed-descriptor"
+    mine.touch()
+    with open(mine, "r+b") as passed, Session(agent.socket) as session:
+        header = frame_of(b"{}")[:protocol.HEADER_LEN]
+        for byte in header[:4]:
+            if not session.send(bytes([byte]), [passed.fileno()] * 4):
+                break
+        reply = session.answer()
+    assert reply != "closed" and reply["code"] == protocol.E_BAD_REQUEST, reply
+    assert "file descriptors sent" in reply["message"]
+    wait_for(lambda: not any(os.readlink(fd) == str(mine) for fd in
+                             Path(f"/proc/{agent.pid}/fd").iterdir()),
+             "the agent to close every descriptor we passed")
+
+
+def cgroup2_mount():
+    """Where this host mounts cgroup2 (pure, or hybrid's unified), or None."""
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if os.path.exists(f"{root}/cgroup.procs") and os.path.exists(
+                f"{root}/cgroup.controllers"):
+            return root
+    return None
+
+
+CGROUP_CLIENT = """
+import os, socket, sys
+with open(os.fsencode(sys.argv[1]), "w") as procs:
+    procs.write(str(os.getpid()))
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[2])
+print(len(sock.recv(4096)) > 0)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a cgroup needs root")
+def test_a_caller_in_a_cgroup_named_with_any_bytes_does_not_stop_the_agent(agent):
+    """/proc/PID/cgroup holds whatever bytes a cgroup's creator chose; the agent read
+    it as strict UTF-8 and a crafted name took it down."""
+    root = cgroup2_mount()
+    own = Path("/proc/self/cgroup").read_text().split("0::", 1)[-1].split("\n")[0]
+    if root is None or not own:
+        pytest.skip("no cgroup2 hierarchy here")
+    group = os.fsencode(f"{root}/{own.strip('/')}/ov-test-") + b"\xff"
+    try:
+        os.mkdir(group)
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup here: {exc.strerror}")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", CGROUP_CLIENT, group + b"/cgroup.procs",
+             str(agent.socket)], capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == "True", result.stderr
+        assert agent.proc.poll() is None, redact(agent.log())
+        assert agent.status().returncode == 0
+    finally:
+        wait_for(lambda: not read_bytes(group + b"/cgroup.procs").strip(),
+                 "the cgroup to empty")
+        os.rmdir(group)
+
+
+def read_bytes(path):
+    with open(path, "rb") as handle:
+        return handle.read()

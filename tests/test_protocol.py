@@ -274,6 +274,10 @@ def signed_text(key, challenge, replace=None, append="", sub=None, op="spawn"):
     ({"op": "release", "append": ',"cwd":"/"'}, "bad-request"),       # spawn's field
     ({"op": "release", "replace": ('"argv0":"true"', '"argv0":["true"]')},
      "bad-request"),                                                  # list for str
+    ({"op": "release", "replace": ('"argv0":"true"', '"argv0":"' + "x" * 4097 + '"')},
+     "bad-request"),                                                  # not a path
+    ({"replace": ('"argv":["true"]', '"argv":["' + "x" * 4097 + '"]')},
+     "bad-request"),                                                  # not a path
     ({"replace": ('"environ":{}', '"environ":{"A=B":"c"}')}, "bad-request"),
     ({"replace": ('"argv":["true"]', '"argv":["a\\u0000b"]')}, "bad-request"),
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -560,6 +564,25 @@ def test_a_reply_sealed_for_another_key_runs_nothing(agent, demo, tmp_path):
         fake.close()
     assert result.returncode == 6 and "refusing the agent's answer" in result.err
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("exit_frame", [{"type": "exit", "code": "0", "signal": None},
+                                        {"type": "exit", "code": None, "signal": None},
+                                        {"type": "exit", "code": 300, "signal": 0}],
+                         ids=["string", "nothing", "out-of-range"])
+def test_a_malformed_exit_frame_is_a_one_line_error(agent, tmp_path, exit_frame):
+    """--spawn: whatever answers on the socket, a bad exit frame gives exit 6 and
+    one line, never a traceback or a made-up status."""
+    def reply(request):
+        return (protocol.encode_frame({"type": "started", "pid": 1, "request_id": "x"})
+                + protocol.encode_frame(exit_frame))
+    fake = FakeAgent(tmp_path / "fake.sock", fresh_hello(), reply)
+    try:
+        result = agent.run("true", options=["--spawn"], via=tmp_path / "fake.sock")
+    finally:
+        fake.close()
+    assert result.returncode == 6, redact(result.err)
+    assert result.err == "ov: bad answer from the agent: an exit frame without a status\n"
 
 
 BROKEN_JSON = """
