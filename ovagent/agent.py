@@ -13,6 +13,7 @@ a grace period.
 """
 
 import binascii
+import collections
 import hmac
 import os
 import resource
@@ -61,27 +62,38 @@ def _in_callers_place(cgroup_fd, core_limit):
 
 
 class NonceCache:
-    """Nonces seen within the clock window, expiring on the monotonic clock.
+    """Nonces seen within the clock window, kept in one set per slice of time
+    (``resolution`` seconds of arrival): a nonce is looked up in each set, and a
+    slice is dropped whole once all of it is older than ``ttl``, so memory goes back
+    as the window moves instead of one table growing to ``capacity``.
 
-    When full it refuses new requests rather than evicting a live entry (which
+    When full it refuses new requests rather than forgetting a live entry (which
     would re-open a replay window)."""
 
-    def __init__(self, capacity=NONCE_CAPACITY, ttl=2 * protocol.CLOCK_WINDOW + 1):
-        self.capacity, self.ttl = capacity, ttl
-        self._seen = {}
+    def __init__(self, capacity=NONCE_CAPACITY, ttl=2 * protocol.CLOCK_WINDOW + 1,
+                 resolution=1.0, clock=time.monotonic):
+        self.capacity, self.ttl, self.resolution = capacity, ttl, resolution
+        self._clock = clock
+        self._slices = collections.deque()   # (slice number, set of nonces), oldest first
+        self._count = 0
         self._lock = threading.Lock()
 
     def add(self, nonce):
         """True if new; False if seen; raises ProtocolError(E_BUSY) when full."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
-            if nonce in self._seen:
+            while self._slices and (self._slices[0][0] + 1) * self.resolution + self.ttl \
+                    <= now:
+                self._count -= len(self._slices.popleft()[1])
+            if any(nonce in seen for _, seen in self._slices):
                 return False
-            if len(self._seen) >= self.capacity:
-                self._seen = {n: t for n, t in self._seen.items() if t > now}
-                if len(self._seen) >= self.capacity:
-                    raise ProtocolError(protocol.E_BUSY, "replay cache is full; retry")
-            self._seen[nonce] = now + self.ttl
+            if self._count >= self.capacity:
+                raise ProtocolError(protocol.E_BUSY, "replay cache is full; retry")
+            number = int(now // self.resolution)
+            if not self._slices or self._slices[-1][0] != number:
+                self._slices.append((number, set()))
+            self._slices[-1][1].add(nonce)
+            self._count += 1
             return True
 
 

@@ -245,15 +245,40 @@ def test_a_child_writing_a_gigabyte_costs_the_agent_no_memory(agent):
 # -- hardening ---------------------------------------------------------------------------
 
 
+class Clock:
+    """An injectable monotonic clock."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 def test_a_full_nonce_cache_refuses_instead_of_forgetting_live_nonces():
-    cache = NonceCache(capacity=3, ttl=0.2)
+    clock = Clock()
+    cache = NonceCache(capacity=3, ttl=61, clock=clock)
     assert all(cache.add(nonce) for nonce in ("a", "b", "c"))
     with pytest.raises(protocol.ProtocolError) as refused:
         cache.add("d")
     assert refused.value.code == protocol.E_BUSY
+    clock.now += 60.9         # still inside the window: nothing may go
     assert [cache.add(nonce) for nonce in ("a", "b", "c")] == [False] * 3
-    time.sleep(0.3)           # past the window: entries may go now, and only now
+    with pytest.raises(protocol.ProtocolError):
+        cache.add("d")
+    clock.now += 1.1          # past the window (and its one-second slice): now they go
     assert cache.add("d") and cache.add("a")
+
+
+@pytest.mark.parametrize("arrival", [0.0, 0.3, 0.999])
+def test_a_nonce_is_remembered_for_the_whole_window_wherever_in_its_second(arrival):
+    clock = Clock(1000.0 + arrival)
+    cache = NonceCache(ttl=61, clock=clock)
+    assert cache.add("n")
+    clock.now += 61 - 0.001
+    assert not cache.add("n"), "forgotten inside the window: a replay would pass"
+    clock.now += 1.002
+    assert cache.add("n")
 
 
 @pytest.fixture
