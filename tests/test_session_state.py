@@ -15,7 +15,8 @@ import time
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
+                                 run_state_machine_as_test)
 
 from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
 from agent_fixtures import DEMO_SECRETS, SENTINEL, Session, protocol, redact, signed
@@ -93,6 +94,12 @@ def test_sessions_keep_their_invariants(agents, demo, tmp_path):
             assert end == {"type": "exit", "code": 0, "signal": None}, redact(repr(end))
             state["spawns"] += 1
             return "started"
+
+        @initialize()
+        def one_valid_request_of_each_op(self):
+            """Whatever else the machine draws, both flows are exercised."""
+            for op in SERVED:
+                self.valid_request(op, replay_here=False)
 
         @rule(op=OPS, replay_here=st.booleans())
         def valid_request(self, op, replay_here):
