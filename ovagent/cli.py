@@ -1,65 +1,56 @@
-"""The ``ov`` command line (argh).  Every command prints one-line errors and exits
-with the documented code (see ovagent.errors); argh < 0.29 would exit 0 on its own
-CommandError, so we never rely on it.
+"""The ``ov`` command line (argh): presentation only.  Every command prints one-line
+errors and exits with the documented code (ovagent.core.errors); argh < 0.29 would
+exit 0 on its own CommandError, so we never rely on it.
 """
 
 import argparse
-import getpass
 import inspect
 import os
 import sys
 
 import argh
 
-from . import __version__, config, entry, keyfile
-from .errors import NotFoundError, OvError, UsageError
-from .validate import check_name
+from . import __version__
+from .client import config, options
+from .core import keyfile, paths, unlock
+from .core.errors import NotFoundError, OvError, UsageError, report_errors
+from .core.validate import check_name
 
+DESCRIPTION = ("ov: a local-first, zero-knowledge secrets vault, and an agent that "
+               "releases its secrets to signed requests.  See ov(1).")
 MIN_PASSWORD_LEN = 8
+RUN_HELP = "run a command with secrets in its environment"
 
-VAULT = argh.arg("--vault", metavar="PATH", help=entry.VAULT_HELP)
-APP = argh.arg("--app", metavar="SLUG", help=entry.APP_HELP)
-ENV = argh.arg("--env", metavar="SLUG", help=entry.ENV_HELP)
+VAULT = argh.arg("--vault", metavar="PATH", help=options.VAULT_HELP)
+APP = argh.arg("--app", metavar="SLUG", help=options.APP_HELP)
+ENV = argh.arg("--env", metavar="SLUG", help=options.ENV_HELP)
 MACHINE_KEY = argh.arg("--machine-key", metavar="PATH",
                        help="unlock with this machine key file instead of the password")
 PASSWORD_STDIN = argh.arg("--password-stdin",
                           help="read the master password from the first line of stdin")
+APP_NAME = argh.arg("app", help="the app's name (a slug)")
+ENV_NAME = argh.arg("env", help="the environment's name (a slug)")
+SECRET_NAME = argh.arg("name", help="the secret's name (an environment variable name)")
+PASSWORD_FD = argh.arg("--password-fd", metavar="FD", type=int,
+                       help="read the master password from the first line of this open "
+                            "file descriptor (stdin carries the value)")
 
 
 # -- helpers ---------------------------------------------------------------
 
 
 def _open_vault(path):
-    from .store import default_vault_path
-    from .vault import Vault
+    from .core.vault import Vault
 
-    return Vault.open(path or default_vault_path())
-
-
-def _read_stdin_line(what):
-    line = sys.stdin.buffer.readline()
-    if not line:
-        raise UsageError(f"expected {what} on stdin")
-    return line.rstrip(b"\n").rstrip(b"\r")
-
-
-def _prompt(prompt):
-    """Read a password with echo off from the controlling terminal."""
-    try:
-        with open("/dev/tty", "rb"):
-            pass
-    except OSError:
-        raise UsageError("no terminal to prompt for the master password; use "
-                         "--password-stdin or --machine-key") from None
-    return getpass.getpass(prompt).encode()
+    return Vault.open(path or paths.vault_path())
 
 
 def _new_password(password_stdin):
     if password_stdin:
-        password = _read_stdin_line("the new master password")
+        password = unlock.read_line("the new master password")
     else:
-        password = _prompt("New master password: ")
-        if _prompt("Repeat it: ") != password:
+        password = unlock.prompt("New master password: ", "--password-stdin")
+        if unlock.prompt("Repeat it: ", "--password-stdin") != password:
             raise UsageError("the passwords do not match")
     if len(password) < MIN_PASSWORD_LEN:
         raise UsageError(f"the master password needs at least {MIN_PASSWORD_LEN} "
@@ -68,15 +59,8 @@ def _new_password(password_stdin):
 
 
 def _unlock(vault, machine_key=None, password_stdin=False, app=None):
-    """A keyring from a machine key, a systemd credential, or the master password."""
-    if machine_key and password_stdin:
-        raise UsageError("use either --machine-key or --password-stdin, not both")
-    key_path = machine_key or (None if password_stdin else keyfile.credential_path())
-    if key_path:
-        return vault.unlock_key(keyfile.read_key(key_path), app)
-    if password_stdin:
-        return vault.unlock(_read_stdin_line("the master password"))
-    return vault.unlock(_prompt("Master password: "))
+    return unlock.unlock(vault, machine_key=machine_key, password_stdin=password_stdin,
+                         app=app)
 
 
 def _target(app, env, secrets=None):
@@ -98,10 +82,9 @@ def _when(timestamp):
 @PASSWORD_STDIN
 def init(*, vault=None, password_stdin=False):
     """Create a new vault protected by a master password."""
-    from .store import default_vault_path
-    from .vault import Vault
+    from .core.vault import Vault
 
-    path = vault or default_vault_path()
+    path = vault or paths.vault_path()
     if os.path.exists(path):
         raise UsageError(f"a vault already exists at {path}")
     created, _ = Vault.create(path, _new_password(password_stdin))
@@ -115,7 +98,8 @@ def change_password(*, vault=None, password_stdin=False):
 
     With --password-stdin, stdin holds the current password, then the new one."""
     opened = _open_vault(vault)
-    keyring = _unlock(opened, password_stdin=password_stdin)
+    keyring = unlock.unlock(opened, password_stdin=password_stdin,
+                            instead="--password-stdin")
     opened.change_password(keyring, _new_password(password_stdin))
     print("Master password changed")
 
@@ -147,6 +131,7 @@ def derive_machine_key(*, out=None, app=None, force=False, vault=None,
 @VAULT
 @MACHINE_KEY
 @PASSWORD_STDIN
+@APP_NAME
 def app_create(app, *, vault=None, machine_key=None, password_stdin=False):
     """Create an app with its own random key."""
     opened = _open_vault(vault)
@@ -167,6 +152,7 @@ def app_list(*, vault=None):
 @argh.named("delete")
 @argh.arg("--force", help="also delete its environments and secrets")
 @VAULT
+@APP_NAME
 def app_delete(app, *, force=False, vault=None):
     """Delete an app (refuses while it has environments, unless --force)."""
     opened = _open_vault(vault)
@@ -180,6 +166,7 @@ def app_delete(app, *, force=False, vault=None):
 @VAULT
 @MACHINE_KEY
 @PASSWORD_STDIN
+@APP_NAME
 def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
     """Give an app a new key; machine keys scoped to it stop working."""
     opened = _open_vault(vault)
@@ -194,6 +181,7 @@ def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
 @argh.named("create")
 @APP
 @VAULT
+@ENV_NAME
 def env_create(env, *, app=None, vault=None):
     """Create an environment in an app."""
     target = _target(app, None)
@@ -214,6 +202,7 @@ def env_list(*, app=None, vault=None):
 @argh.named("delete")
 @APP
 @VAULT
+@ENV_NAME
 def env_delete(env, *, app=None, vault=None):
     """Delete an environment and all of its secrets."""
     target = _target(app, None)
@@ -225,19 +214,23 @@ def env_delete(env, *, app=None, vault=None):
 
 
 @argh.named("set")
+@SECRET_NAME
 @APP
 @ENV
 @VAULT
 @MACHINE_KEY
-def secret_set(name, *, app=None, env=None, vault=None, machine_key=None):
+@PASSWORD_FD
+def secret_set(name, *, app=None, env=None, vault=None, machine_key=None,
+               password_fd=None):
     """Store a new version of a secret; the value is read from stdin (one trailing
     newline removed) or prompted for without echo, never taken from the command line."""
     check_name(name)
     target = _target(app, env)
     opened = _open_vault(vault)
-    keyring = _unlock(opened, machine_key, app=target.app)
+    keyring = unlock.unlock(opened, machine_key=machine_key, password_fd=password_fd,
+                            app=target.app, instead="--machine-key or --password-fd")
     if sys.stdin.isatty():
-        value = _prompt(f"Value of {name}: ")
+        value = unlock.prompt(f"Value of {name}: ", "stdin")
     else:
         value = sys.stdin.buffer.read()
         value = value[:-1] if value.endswith(b"\n") else value
@@ -260,6 +253,7 @@ def secret_list(*, app=None, env=None, vault=None):
 @APP
 @ENV
 @VAULT
+@SECRET_NAME
 def secret_delete(name, *, app=None, env=None, vault=None):
     """Delete a secret with all its versions."""
     target = _target(app, env)
@@ -274,11 +268,12 @@ def secret_delete(name, *, app=None, env=None, vault=None):
 @VAULT
 @MACHINE_KEY
 @PASSWORD_STDIN
+@argh.arg("file", help="the dotenv file to import (NAME=VALUE lines)")
 def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
                   machine_key=None, password_stdin=False):
     """Import a dotenv file; all of it is stored in one transaction, or nothing."""
-    from . import dotenv
-    from .validate import check_value
+    from .client import dotenv
+    from .core.validate import check_value
 
     target = _target(app, env)
     try:
@@ -310,7 +305,7 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
 
 # -- ov run ----------------------------------------------------------------
 
-SOCKET = argh.arg("--socket", metavar="PATH", help=entry.SOCKET_HELP)
+SOCKET = argh.arg("--socket", metavar="PATH", help=options.SOCKET_HELP)
 
 
 def _declare(arguments):
@@ -322,26 +317,27 @@ def _declare(arguments):
     return decorate
 
 
-@_declare(entry.RUN_ARGUMENTS)
+@_declare(options.RUN_ARGUMENTS)
 def run(*command, agent=False, spawn=False, socket=None, machine_key=None, app=None,
         env=None, secrets=None, vault=None):
+    from .client.execute import exec_with_secrets, run_with_agent
+
     if agent:  # normally served by ovagent.entry without loading this module
-        sys.exit(entry.run_via_agent(command, socket=socket, machine_key=machine_key,
-                                     app=app, env=env, secrets=secrets, vault=vault,
-                                     spawn=spawn))
+        sys.exit(run_with_agent(command, socket=socket, machine_key=machine_key, app=app,
+                                env=env, secrets=secrets, vault=vault, spawn=spawn))
     for flag, given in (("--socket", socket), ("--spawn", spawn)):
         if given:
             raise UsageError(f"{flag} needs --agent")
-    from .runner import exec_with_secrets
 
     target = _target(app, env, secrets)
     opened = _open_vault(vault)
-    keyring = _unlock(opened, machine_key, app=target.app)
+    keyring = unlock.unlock(opened, machine_key=machine_key, app=target.app,
+                            instead="--machine-key")
     values = opened.reveal(keyring, target.app, target.env, target.secrets)
     exec_with_secrets(list(command), values)
 
 
-run.__doc__ = entry.RUN_DOC
+run.__doc__ = options.RUN_DOC
 
 
 # -- ov agent --------------------------------------------------------------
@@ -373,7 +369,7 @@ def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
                 foreground=False, max_clients=None, grace=None, drain=None,
                 system=False, vault=None):
     """Start the agent: hold the key in memory and serve 'ov run --agent'."""
-    from . import daemon
+    from .agent import daemon
 
     if app:
         config.check_slug("app", app)
@@ -388,9 +384,9 @@ def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
 @PID_FILE
 def agent_stop(*, socket=None, pid_file=None):
     """Send SIGTERM to the agent and return; running requests finish first."""
-    from . import daemon
+    from .agent import daemon
 
-    pid = daemon.stop(pid_file or daemon.default_pid_file(socket))
+    pid = daemon.stop(pid_file or paths.pid_file(socket))
     print(f"Sent SIGTERM to ov-agent (pid {pid})")
 
 
@@ -401,13 +397,14 @@ def agent_stop(*, socket=None, pid_file=None):
 def agent_status(*, socket=None, pid_file=None, machine_key=None):
     """Ask the agent for its version, uptime, mode and counters (signed); fall back
     to the pid file when it cannot be asked."""
-    from . import client, daemon
+    from .agent import daemon
+    from .client import talk
 
-    path = socket or client.default_socket_path()
+    path = socket or paths.client_socket()
     try:
-        info = client.status(path, client.find_key(machine_key))
+        info = talk.status(path, talk.find_key(machine_key))
     except OvError as exc:
-        pid_path = pid_file or daemon.default_pid_file(path)
+        pid_path = pid_file or paths.pid_file(path)
         pid = daemon.read_pid_file(pid_path)
         if pid is not None and daemon.agent_alive(pid):
             print(f"ov-agent is running (pid {pid}, from pid file {pid_path}); it did "
@@ -441,7 +438,7 @@ def agent_install(*, machine_key=None, socket=None, unit_name=None, user=False,
     """Write systemd units (NAME.socket, NAME.service) that run this ov's agent:
     system units in /etc/systemd/system as root, else user units in
     ~/.config/systemd/user; print or run the commands that enable them."""
-    from . import install
+    from .agent import install
 
     install.install(machine_key=machine_key, socket=socket, unit_name=unit_name,
                     user=user, enable=enable)
@@ -484,15 +481,43 @@ def _drop_short_options(parser):
             parser._option_string_actions.pop(option, None)
 
 
+def _plain_help(parser):
+    """argh's formatter appends '(default: ...)' to every help text, which already
+    says what the default is: use argparse's plain one throughout."""
+    parser.formatter_class = argparse.HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _plain_help(subparser)
+
+
+# shtab.FILE (shtab only builds the completion scripts: debian/rules)
+FILE_COMPLETION = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+
+
+def _complete_files(parser):
+    """Options whose value is a path, and `secret import`'s FILE, complete file names
+    in the shell completion shtab generates from this parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _complete_files(subparser)
+        elif action.metavar == "PATH" or (not action.option_strings
+                                          and action.dest == "file"):
+            action.complete = FILE_COMPLETION
+
+
 def build_parser():
-    parser = argh.ArghParser(prog="ov", description=__doc__.split("\n")[0])
+    parser = argh.ArghParser(prog="ov", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ov {__version__}")
     for name, help_text, functions in GROUPS:
         _add_group(parser, name, help_text, functions)
-    argh.add_commands(parser, [run])
+    argh.add_commands(parser, [run], func_kwargs={"help": RUN_HELP})
     _drop_short_options(parser)
+    _plain_help(parser)
+    _complete_files(parser)
     return parser
 
 
 def main(argv=None):
-    entry.report_errors(argh.dispatch, build_parser(), argv=argv, completion=False)
+    report_errors(argh.dispatch, build_parser(), argv=argv, completion=False)

@@ -2,7 +2,7 @@
 # Install what the project needs on Debian 12, then build two virtualenvs:
 #   .venv-debian  Debian's packaged libraries (python3-argh 0.26, cryptography 38, ...)
 #   .venv-pypi    current PyPI releases (systemd-python built against libsystemd-dev),
-#                 plus the test tools hypothesis, pytest and atheris (the fuzzer)
+#                 plus the test tools hypothesis, pytest, shtab and atheris (the fuzzer)
 # Usage: tests/bootstrap.sh [debian|pypi|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,7 @@ fi
 if [ "$which" = pypi ] || [ "$which" = all ]; then
     # (Re)install when the venv lacks ov or a test tool added since it was built.
     if [ ! -x .venv-pypi/bin/ov ] ||
-            ! .venv-pypi/bin/python -c 'import atheris, hypothesis, pytest' 2>/dev/null; then
+            ! .venv-pypi/bin/python -c 'import atheris, hypothesis, pytest, shtab' 2>/dev/null; then
         [ -x .venv-pypi/bin/python ] || $PY -m venv .venv-pypi
         .venv-pypi/bin/pip install -q --upgrade pip
         .venv-pypi/bin/pip install -q -e '.[test,fuzz]'

@@ -1,5 +1,7 @@
 """Shared fixtures: run the real ``ov`` entry point of the current venv in
-subprocesses, against throwaway vaults under tmp_path.
+subprocesses, against throwaway vaults under tmp_path.  Plain helpers live in
+helpers.py (tests import them by name); the agent fixtures are the plugin
+agent_plugin.py; the leak sentinel is leaks.py.
 
 Creating a vault costs one Argon2id run (t=3, 64 MiB), so a template vault with a
 known password, app ``demo``, env ``production``, a few secrets and machine keys is
@@ -9,75 +11,24 @@ built once per session and copied per test.
 import hashlib
 import json
 import os
+import random
 import shutil
 import sqlite3
-import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 import leaks
+from helpers import DEMO_SECRETS, PASSWORD, SENTINEL, DemoVault, Ov, ov_env
 
-OV = str(Path(sys.executable).with_name("ov"))
-PASSWORD = "correct horse battery"
-SENTINEL = "SENTINEL-7f3c9a1e-do-not-leak"
-DEMO_SECRETS = {"DB_URL": "postgres://u:" + SENTINEL + "@db/app", "API_TOKEN": "tok-123",
-                "EMPTY": ""}
+pytest_plugins = ["agent_plugin"]
+
 
 
 leaks.watch.forbid("the master password", PASSWORD)
 leaks.watch.forbid("the sentinel value", SENTINEL)
 for _name, _value in DEMO_SECRETS.items():
     leaks.watch.forbid(f"the value of secret {_name}", _value)
-
-
-def ov_env(home, vault):
-    """A clean environment for ov: private HOME/XDG dirs and OV_VAULT."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OV_", "XDG_", "LISTEN_", "NOTIFY_", "CREDENTIALS_"))}
-    env.update(HOME=str(home), OV_VAULT=str(vault),
-               XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
-               XDG_RUNTIME_DIR=str(home / "run"))
-    return env
-
-
-@dataclass
-class Ov:
-    """Runs ``ov ARGS`` with the fixture's environment; returns CompletedProcess."""
-
-    env: dict
-    cwd: Path
-
-    def __call__(self, *args, input=None, check=None, timeout=60, env=None, **kwargs):
-        if isinstance(input, str):
-            input = input.encode()
-        result = subprocess.run(
-            [OV, *args], input=input, capture_output=True, timeout=timeout,
-            env=dict(self.env, **(env or {})), cwd=kwargs.pop("cwd", self.cwd),
-            start_new_session=True,  # no controlling tty: prompts fail instead of hanging
-            **kwargs)
-        where = f"the output of ov {' '.join(str(arg) for arg in args[:2])}"
-        leaks.watch.saw(where, result.stderr)
-        if args[:1] != ("run",):          # ov run's stdout is the command's
-            leaks.watch.saw(where, result.stdout)
-        result.out = result.stdout.decode(errors="replace")
-        result.err = result.stderr.decode(errors="replace")
-        if check is not None:
-            assert result.returncode == check, (result.returncode, result.out, result.err)
-        return result
-
-
-@dataclass
-class DemoVault:
-    path: Path
-    key: Path           # unscoped machine key (the KEK)
-    scoped_key: Path    # key scoped to app "demo"
-    ov: Ov
-    password: str = PASSWORD
-    app: str = "demo"
-    env: str = "production"
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +65,15 @@ def no_leaks():
 
 
 @pytest.fixture
+def rng():
+    """Randomness a failure can be replayed with: the seed is printed (pytest shows
+    it with the failure); OV_TEST_SEED=N replays it."""
+    seed = int(os.environ.get("OV_TEST_SEED") or random.SystemRandom().getrandbits(32))
+    print(f"random seed {seed} (replay with OV_TEST_SEED={seed})")
+    return random.Random(seed)
+
+
+@pytest.fixture
 def home(tmp_path):
     path = tmp_path / "home"
     path.mkdir()
@@ -141,7 +101,7 @@ def demo(template_vault, tmp_path, home):
 
 # -- helpers for the vault and CLI suites (fixtures returning callables) -------------
 
-PROBE = ("import hashlib, json, os; print(json.dumps({k.decode(errors='replace'): "
+ENV_PROBE = ("import hashlib, json, os; print(json.dumps({k.decode(errors='replace'): "
          "hashlib.sha256(v).hexdigest() for k, v in os.environb.items()}))")
 
 
@@ -158,11 +118,11 @@ def digest():
 
 @pytest.fixture
 def env_digests():
-    """Run ``ov run ARGS -- python PROBE``; return {variable: sha256 of its value} as
+    """Run ``ov run ARGS -- python ENV_PROBE``; return {variable: sha256 of its value} as
     seen by the command (values themselves never reach the test output)."""
 
     def run(ov, *args, **kwargs):
-        result = ov("run", *args, "--", sys.executable, "-c", PROBE, check=0, **kwargs)
+        result = ov("run", *args, "--", sys.executable, "-c", ENV_PROBE, check=0, **kwargs)
         return json.loads(result.out)
 
     return run

@@ -39,7 +39,7 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports():
-    from ovagent import canonical, protocol, seal  # noqa: F401  (canonical: instrumented)
+    from ovagent.core import canonical, protocol, seal  # noqa: F401  (canonical: instrumented)
 
 KEY = bytes(range(32))                 # a fixed test machine key
 SUBKEY = protocol.mac_key(KEY)

@@ -26,6 +26,25 @@ def which(tool):
     return shutil.which(tool, path=SYSTEM_PATH)
 
 
+SYSTEMD_DIRS = ("systemdsystemunitdir", "systemduserunitdir", "sysusersdir", "tmpfilesdir",
+                "catalogdir")
+
+
+def systemd_dirs():
+    """{variable: directory} of systemd.pc (pkg-config), where debian/rules installs
+    units, sysusers.d, tmpfiles.d and catalog files; None without pkg-config."""
+    if which("pkg-config") is None:
+        return None
+    dirs = {}
+    for variable in SYSTEMD_DIRS:
+        result = subprocess.run(["pkg-config", f"--variable={variable}", "systemd"],
+                                capture_output=True, timeout=60, env=system_env())
+        dirs[variable] = result.stdout.decode().strip()
+        if result.returncode != 0 or not dirs[variable]:
+            return None
+    return dirs
+
+
 def parse_unit(text):
     """[(section, key, value)] of a unit file, without comments and blank lines."""
     section, entries = None, []

@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
-from agent_fixtures import (DEMO_SECRETS, NotifyListener, Session, needs_socket_activate,
+from helpers import (DEMO_SECRETS, NotifyListener, Session, needs_socket_activate,
                             probe, protocol, redact, sha256, signed)
-from ovagent import store
+from ovagent.core import paths
 
 
 pytestmark = needs_socket_activate
@@ -127,10 +126,10 @@ def test_the_system_agent_reads_the_system_vault_whatever_its_user(monkeypatch):
     monkeypatch.delenv("OV_VAULT", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", "/home/someone/.local/share")
     monkeypatch.setattr(os, "geteuid", lambda: 993)
-    assert store.default_vault_path() == "/home/someone/.local/share/ov/vault.db"
-    assert store.default_vault_path(system=True) == store.SYSTEM_VAULT
+    assert paths.vault_path() == "/home/someone/.local/share/ov/vault.db"
+    assert paths.vault_path(system=True) == paths.SYSTEM_VAULT
     monkeypatch.setenv("OV_VAULT", "/srv/v.db")
-    assert store.default_vault_path(system=True) == "/srv/v.db"
+    assert paths.vault_path(system=True) == "/srv/v.db"
 
 
 # -- sd_notify ---------------------------------------------------------------------------

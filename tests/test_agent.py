@@ -1,5 +1,5 @@
 """``ov agent`` in manual mode and ``ov run --agent`` end to end: real agents started
-with the venv's ``ov`` on real sockets (fixtures in agent_fixtures.py).  Both flows:
+with the venv's ``ov`` on real sockets (agent_plugin.py, helpers.py).  Both flows:
 the default one, where the client execs the command in place with the secrets the
 agent released to it, and ``--spawn``, where the agent runs the command (only for a
 caller that lives in the agent's own world)."""
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
-from agent_fixtures import (DEMO_SECRETS, OV, SETPRIV, RecordingProxy, Session, group_gone,
+from helpers import (DEMO_SECRETS, OV, SETPRIV, RecordingProxy, Session, group_gone,
                             needs_setpriv, pid_gone, pipe_text, probe, protocol, read_line,
                             redact, sha256, signed, socket_mode, wait_for, wrong_key)
 
@@ -541,7 +540,7 @@ def test_release_needs_nothing_of_the_callers_world_but_the_key(agent):
 # A client of another uid sending a signed spawn request with a cwd of its choice.
 FORGED_SPAWN = """\
 import json, socket, sys
-from ovagent import protocol
+from ovagent.core import protocol
 path, key, cwd = sys.argv[1:]
 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
     sock.connect(path)

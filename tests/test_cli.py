@@ -3,6 +3,7 @@ what it stores, and how each kind of bad input fails (one ``ov:`` line, document
 exit code, no traceback, nothing written, no secret echoed)."""
 
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -10,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import DEMO_SECRETS, PASSWORD, SENTINEL, Ov, ov_env
+from helpers import DEMO_SECRETS, PASSWORD, SENTINEL, Ov, ov_env
 
 NEW_PASSWORD = "a brand new passphrase"
 
@@ -109,9 +110,27 @@ def test_init_rejects_bad_passwords_and_creates_nothing(ov, tmp_path, expect_err
     ["run", "--app", "demo", "--", "true"],
 ])
 def test_password_prompts_fail_without_a_terminal(demo, expect_error, args):
+    """And say what works instead: only options the command has."""
     if args[:2] == ["auth", "init"]:
         args = args + ["--vault", str(demo.path.parent / "new.db")]
-    expect_error(demo.ov(*args, input=PASSWORD + "\n"), 2, "no terminal")
+    line = expect_error(demo.ov(*args, input=PASSWORD + "\n"), 2, "no terminal")
+    offered = re.findall(r"--[a-z-]+", line)
+    known = demo.ov(*args[:1 if args[0] == "run" else 2], "--help").out
+    assert offered and all(option in known for option in offered), (offered, line)
+
+
+def test_a_script_sets_a_secret_with_neither_terminal_nor_key_file(demo, env_digests,
+                                                                   digest, tmp_path):
+    """The value on stdin, the master password on another descriptor."""
+    password = tmp_path / "password"
+    password.write_text(PASSWORD + "\n")
+    with open(password, "rb") as fd3:
+        result = demo.ov("secret", "set", "NEW", "--app", "demo", "--password-fd",
+                         str(fd3.fileno()), input="scripted", pass_fds=(fd3.fileno(),))
+    assert result.returncode == 0, result.err
+    seen = env_digests(demo.ov, "--machine-key", str(demo.key), "--app", "demo",
+                       "--secrets", "NEW")
+    assert seen["NEW"] == digest("scripted")
 
 
 # -- ov auth change-password -----------------------------------------------------

@@ -21,7 +21,8 @@ from packaging_helpers import (
     which,
 )
 
-from ovagent import __version__, errors
+from ovagent import __version__
+from ovagent.core import errors
 
 OV = str(Path(sys.executable).with_name("ov"))
 PAGE_OF_GROUP = {"auth": "ov-auth.1", "app": "ov-app.1", "env": "ov-env.1",
@@ -144,8 +145,8 @@ def test_every_row_of_the_security_table_names_tests_that_exist():
             assert name in defined[module], f"{module}::{name} (for {row!r}) is not a test"
 
 
-@pytest.mark.parametrize("doc", ["README.rst", "docs/protocol.rst", "docs/security.rst",
-                                 "bench/README.rst"])
+@pytest.mark.parametrize("doc", ["README.rst", "docs/architecture.rst", "docs/protocol.rst",
+                                 "docs/security.rst", "bench/README.rst"])
 def test_documents_render_without_warnings(doc):
     rst2pseudoxml = which("rst2pseudoxml")
     if rst2pseudoxml is None:
@@ -179,18 +180,30 @@ def test_pages_render_without_warnings(pages):
         assert len(result.stdout.splitlines()) > 20, name
 
 
-@pytest.mark.skipif(which("bash") is None, reason="bash not installed")
-def test_bash_completion_knows_every_command_and_option(tmp_path):
-    script = tmp_path / "ov"
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_bash_completion_knows_every_command_and_option(shell, tmp_path):
+    """The completion debian/rules generates with shtab from ov's own parser (for bash,
+    and for zsh): every command and option is in it, and the shell parses it.  (That
+    it completes them is tests/test_debian.py, on the scripts the package ships.)"""
+    pytest.importorskip("shtab", reason="shtab not installed (the test extra; "
+                        "python3-shtab: tests/extra-apt-packages)")
+    if which(shell) is None:
+        pytest.skip(f"{shell} not installed (tests/extra-apt-packages)")
+    script = tmp_path / f"ov.{shell}"
     with open(script, "wb") as handle:
-        subprocess.run([sys.executable, str(REPO / "debian" / "gen-bash-completion")],
+        subprocess.run([sys.executable, "-m", "shtab", "--error-unimportable",
+                        "--prefix=ov", f"--shell={shell}", "ovagent.cli.build_parser"],
                        stdout=handle, check=True, timeout=60, cwd=REPO,
                        env={"PYTHONPATH": str(REPO), "PATH": system_env()["PATH"]})
     text = script.read_text()
-    subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
+    subprocess.run([which(shell), "-n", str(script)], check=True, timeout=60)
+
+    def named(word):
+        return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text)
+
     for group, command in COMMANDS:
-        assert re.search(rf"\b{group}\b", text), group
+        assert named(group), group
         if command:
-            assert re.search(rf"\b{command}\)", text), command
+            assert named(command), (group, command)
         for option in option_strings(ov_help(*filter(None, (group, command)))):
-            assert option in text, (group, command, option)
+            assert named(option), (group, command, option)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SENTINEL
-from ovagent.dotenv import DotenvError, parse
-from ovagent.errors import EXIT_USAGE, UsageError
+from helpers import SENTINEL
+from ovagent.client.dotenv import DotenvError, parse
+from ovagent.core.errors import EXIT_USAGE, UsageError
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PROPERTY = settings(max_examples=150, deadline=None,

@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ovagent import cli
-from ovagent.entry import RUN_ARGUMENTS, _fast_run_options
+from ovagent.client.options import RUN_ARGUMENTS, parse_run_agent
 
 OPTION_DESTS = [flags[0][2:].replace("-", "_") for flags, _ in RUN_ARGUMENTS
                 if flags[0].startswith("--") and flags[0] != "--agent"]
@@ -58,7 +58,7 @@ def full_cli(argv):
 @example(["--agent", "--spawn=yes", "--", "cmd"])
 def test_the_fast_path_agrees_with_the_full_cli(tokens):
     argv = ["run", *tokens]
-    fast = _fast_run_options(argv)
+    fast = parse_run_agent(argv)
     if fast is not None:
         assert fast == full_cli(argv)
 
@@ -71,14 +71,14 @@ def test_the_fast_path_takes_the_usual_command_lines():
                  ["run", "--agent", "--spawn", "--", "make", "test"],
                  ["run", "--agent", "--socket=/run/x.sock", "--machine-key", "/k", "app"]):
         expected = full_cli(argv)
-        assert expected is not None and _fast_run_options(argv) == expected
+        assert expected is not None and parse_run_agent(argv) == expected
 
 
 def test_help_and_errors_go_to_the_full_cli():
     for argv in (["run", "--agent", "--help"], ["run", "--agent", "-h"],
                  ["run", "--agent"], ["run", "--agent", "--bogus", "--", "x"],
                  ["run", "--agent", "--app", "--", "x"], ["run", "--", "x"]):
-        assert _fast_run_options(argv) is None
+        assert parse_run_agent(argv) is None
 
 
 LEAN_CLIENT = """
@@ -90,7 +90,7 @@ try:
 except SystemExit as exc:
     assert exc.code == 6, exc.code          # no agent there
 heavy = {"argparse", "argh", "cryptography", "socket", "signal", "selectors", "sqlite3",
-         "ovagent.vault", "ovagent.cli", "re", "json", "getopt", "gettext", "array",
+         "ovagent.core.vault", "ovagent.cli", "re", "json", "getopt", "gettext", "array",
          "enum", "collections"} & set(sys.modules)
 print(sorted(heavy), "_hashlib" in sys.modules and sys.modules["_hashlib"] is not None)
 """

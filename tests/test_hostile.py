@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent, key)
-from agent_fixtures import (DEMO_SECRETS, OV, Session, frame_of, proc_stat,
+from helpers import (DEMO_SECRETS, OV, Session, frame_of, proc_stat,
                             protocol, redact, signed, wait_for)
-from ovagent.agent import NonceCache
-from ovagent.systemd_glue import JOURNAL_SOCKET
+from ovagent.agent.auth import NonceCache
+from ovagent.agent.audit import JOURNAL_SOCKET
 from test_protocol import ask, outcome
 
 ROOT = Path(__file__).resolve().parent.parent

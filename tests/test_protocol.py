@@ -1,5 +1,5 @@
 """Denials: the agent's side of the wire protocol (docs/protocol.rst), spoken directly
-with ovagent.protocol against a real agent, plus what crosses the socket."""
+with ovagent.core.protocol against a real agent, plus what crosses the socket."""
 
 import base64
 import collections
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent, key)
-from agent_fixtures import (DEMO_SECRETS, OV, SENTINEL, SETPRIV, RecordingProxy, Session,
+from helpers import (DEMO_SECRETS, OV, SENTINEL, SETPRIV, RecordingProxy, Session,
                             frame_of, needs_setpriv, protocol, redact, sha256, signed,
                             wait_for, wrong_key)
 
@@ -316,7 +315,7 @@ def test_denials_are_counted(agent, key):
 
 PEER_SCRIPT = """
 import json, socket, sys
-from ovagent import protocol
+from ovagent.core import protocol
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.settimeout(5)
 sock.connect(sys.argv[1])
@@ -586,7 +585,7 @@ def test_a_malformed_exit_frame_is_a_one_line_error(agent, tmp_path, exit_frame)
 
 
 BROKEN_JSON = """
-from ovagent import protocol
+from ovagent.core import protocol
 try:
     protocol.decode_body(b'{"type"z"request"}')
 except protocol.ProtocolError as exc:

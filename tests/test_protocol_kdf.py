@@ -1,11 +1,11 @@
-"""The stdlib HKDF in ovagent.protocol equals cryptography's HKDF (RFC 5869)."""
+"""The stdlib HKDF in ovagent.core.protocol equals cryptography's HKDF (RFC 5869)."""
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ovagent import protocol
+from ovagent.core import protocol
 
 
 def reference(key):

@@ -4,9 +4,8 @@ place it watches is found and named, and the report never repeats the material."
 import socket
 import sys
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
-from agent_fixtures import answer, frame_of, signed
-from conftest import DEMO_SECRETS, PASSWORD, SENTINEL
+from helpers import answer, frame_of, signed
+from helpers import DEMO_SECRETS, PASSWORD, SENTINEL
 import leaks
 
 

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
-from agent_fixtures import *  # noqa: F403 (the fixtures agents, agent)
-from agent_fixtures import DEMO_SECRETS, SENTINEL, Session, protocol, redact, signed
-from ovagent import seal
+from helpers import DEMO_SECRETS, SENTINEL, Session, protocol, redact, signed
+from ovagent.core import seal
 
 OPS = st.sampled_from(["spawn", "release"])
 SERVED = {"spawn": "started", "release": "released"}

@@ -2,7 +2,7 @@
 
 import hashlib
 
-from conftest import DEMO_SECRETS
+from helpers import DEMO_SECRETS
 
 
 def test_run_with_machine_key_sees_secret(demo):

@@ -2,7 +2,6 @@
 serialize instead of losing updates, and no damage from kill -9 at any moment."""
 
 import os
-import random
 import signal
 import sqlite3
 import stat
@@ -13,10 +12,10 @@ import time
 
 import pytest
 
-from conftest import DEMO_SECRETS, OV, PASSWORD, SENTINEL
-from ovagent.errors import (EXIT_FAILURE, EXIT_USAGE, IntegrityError, NotFoundError,
+from helpers import DEMO_SECRETS, OV, PASSWORD, SENTINEL
+from ovagent.core.errors import (EXIT_FAILURE, EXIT_USAGE, IntegrityError, NotFoundError,
                             OvError, UsageError)
-from ovagent.store import AppRecord, SecretRecord, SqliteStore
+from ovagent.core.store import AppRecord, SecretRecord, SqliteStore
 
 
 def keyed(path):
@@ -263,8 +262,8 @@ def test_writers_queue_behind_a_held_lock_instead_of_failing(demo, env_digests, 
 
 WRITER = r"""
 import sys
-from ovagent import keyfile
-from ovagent.vault import Vault
+from ovagent.core import keyfile
+from ovagent.core.vault import Vault
 
 path, key_path, tag = sys.argv[1:4]
 vault = Vault.open(path)
@@ -329,8 +328,8 @@ def check_after_crash(demo, env_digests, digest, prefix, count, tag, last):
     assert_sound(demo.path)
 
 
-def test_kill_9_during_vault_writes_loses_nothing_committed(demo, env_digests, digest):
-    rng = random.Random()
+def test_kill_9_during_vault_writes_loses_nothing_committed(demo, env_digests, digest,
+                                                            rng):
     for round_ in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(demo.path), str(demo.key), f"r{round_}"],
@@ -340,8 +339,7 @@ def test_kill_9_during_vault_writes_loses_nothing_committed(demo, env_digests, d
         check_after_crash(demo, env_digests, digest, "G", 4, f"r{round_}", last)
 
 
-def test_kill_9_during_ov_import_loop(demo, tmp_path, env_digests, digest):
-    rng = random.Random()
+def test_kill_9_during_ov_import_loop(demo, tmp_path, env_digests, digest, rng):
     for round_ in range(3):
         env = dict(demo.ov.env, TAG=f"c{round_}", FILE=str(tmp_path / f"c{round_}.env"),
                    OV=OV, KEY=str(demo.key))
@@ -352,8 +350,7 @@ def test_kill_9_during_ov_import_loop(demo, tmp_path, env_digests, digest):
         check_after_crash(demo, env_digests, digest, "C", 3, f"c{round_}", last)
 
 
-def test_kill_9_during_init_leaves_no_vault_or_a_whole_one(ov, tmp_path):
-    rng = random.Random()
+def test_kill_9_during_init_leaves_no_vault_or_a_whole_one(ov, tmp_path, rng):
     vault = tmp_path / "vault" / "vault.db"
     for delay in sorted(rng.uniform(0.05, 0.6) for _ in range(3)):
         if vault.exists():

@@ -19,7 +19,8 @@ from packaging_helpers import (
     which,
 )
 
-from ovagent import client, keyfile, systemd_glue
+from ovagent.agent import audit, systemd
+from ovagent.core import keyfile, paths
 
 OV = str(Path(sys.executable).with_name("ov"))
 SYSTEM = {name: UNITS / name for name in ("ov-agent.socket", "ov-agent.service")}
@@ -102,8 +103,8 @@ def test_catalog_compiles_and_covers_every_message_id(tmp_path):
     listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"],
                             capture_output=True, timeout=60, env=system_env(), check=True)
     entries = dict(line.split(" ", 1) for line in listed.stdout.decode().splitlines())
-    assert set(entries) == set(systemd_glue.MESSAGE_IDS.values()), entries
-    for kind, message_id in systemd_glue.MESSAGE_IDS.items():
+    assert set(entries) == set(audit.MESSAGE_IDS.values()), entries
+    for kind, message_id in audit.MESSAGE_IDS.items():
         assert entries[message_id].startswith("ov-agent: "), (kind, entries[message_id])
 
 
@@ -118,13 +119,13 @@ def test_catalog_substitutes_only_fields_the_agent_sends():
 
 def test_socket_matches_what_the_code_expects():
     system, user = units(SYSTEM)["ov-agent.socket"], units(USER)["ov-agent.socket"]
-    assert directive(system, "ListenStream") == [client.SYSTEM_SOCKET]
+    assert directive(system, "ListenStream") == [paths.SYSTEM_SOCKET]
     assert directive(user, "ListenStream") == ["%t/ov-agent/ov-agent.sock"]
-    assert client.user_socket_path().endswith("/ov-agent/ov-agent.sock") \
-        if client.user_socket_path() else True
+    assert paths.user_socket().endswith("/ov-agent/ov-agent.sock") \
+        if paths.user_socket() else True
     for socket in (system, user):
         assert directive(socket, "Accept") == ["no"]
-        assert directive(socket, "FileDescriptorName") == [systemd_glue.FD_NAME]
+        assert directive(socket, "FileDescriptorName") == [systemd.FD_NAME]
         assert directive(socket, "RemoveOnStop") == ["yes"]
         assert directive(socket, "TriggerLimitBurst") and \
             directive(socket, "TriggerLimitIntervalSec")
@@ -141,7 +142,7 @@ def test_group_and_socket_directory_come_from_sysusers_and_tmpfiles():
     sysusers = (UNITS / "sysusers.d" / "ov-agent.conf").read_text()
     assert re.search(rf"^g {re.escape(group)} - -$", sysusers, re.M), sysusers
     tmpfiles = (UNITS / "tmpfiles.d" / "ov-agent.conf").read_text()
-    directory = client.SYSTEM_SOCKET.rsplit("/", 1)[0]
+    directory = paths.SYSTEM_SOCKET.rsplit("/", 1)[0]
     assert re.search(rf"^d {re.escape(directory)} 0750 root {group} -$", tmpfiles, re.M)
 
 
@@ -199,3 +200,26 @@ def test_placeholder_credential_counts_as_no_key(tmp_path, monkeypatch):
     assert keyfile.credential_path() is None
     (tmp_path / "machine.kek").write_bytes(b"k" * keyfile.KEY_LEN)
     assert keyfile.credential_path() == str(tmp_path / "machine.kek")
+
+
+@pytest.mark.parametrize("files", [SYSTEM, USER], ids=["system", "user"])
+def test_units_read_like_systemds_own(files):
+    """As systemd's own units: the service's [Install] only names its socket (Also=:
+    systemctl enable ov-agent.service enables the socket); in [Service] and [Socket],
+    directives in groups, sorted within each group; comments of one line.  What the
+    settings mean is ov-agent(8)'s job."""
+    assert directive(units(files)["ov-agent.service"], "Also") == ["ov-agent.socket"]
+    for name, path in files.items():
+        section, group, previous = None, [], ""
+        for line in path.read_text().splitlines() + [""]:
+            assert not (line.startswith("#") and previous.startswith("#")), \
+                f"{name}: a comment of more than one line: {previous!r} {line!r}"
+            previous = line
+            if line and not line.startswith(("#", "[")):
+                group.append(line.partition("=")[0])
+                continue
+            if section in ("[Service]", "[Socket]"):
+                assert group == sorted(group), f"{name} {section}: not sorted: {group}"
+            group = []
+            if line.startswith("["):
+                section = line

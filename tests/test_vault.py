@@ -20,12 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PASSWORD, SENTINEL
-from ovagent import canonical, crypto
-from ovagent.errors import AuthError, IntegrityError, NotFoundError, UsageError
-from ovagent.validate import (MAX_VALUE_BYTES, check_name, check_slug, check_value, is_name,
+from helpers import PASSWORD, SENTINEL
+from ovagent.core import canonical, crypto
+from ovagent.core.errors import AuthError, IntegrityError, NotFoundError, UsageError
+from ovagent.core.validate import (MAX_VALUE_BYTES, check_name, check_slug, check_value, is_name,
                               is_slug)
-from ovagent.vault import Vault
+from ovagent.core.vault import Vault
 
 APPS = ("demo", "other")
 CONTENT = {

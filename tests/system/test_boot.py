@@ -36,6 +36,9 @@ tree is installed into it; the scenarios then share that system, in this order
        untouched; the same across a package upgrade
   s8   the agent runs as _ov-agent without capabilities, with the default KillMode;
        systemd-analyze security is at most 1.5 and at most what the unit claims
+  s14  journalctl -x renders every catalog entry against a real record of its event
+       with every @FIELD@ filled in (accepted and exited from a root agent that a root
+       caller in the same world may --spawn from)
   s9   apt-get remove, then purge
 
 Removed with issue #12 ("every command runs in its caller's own world"): the system
@@ -76,7 +79,7 @@ AGENT_USER = "_ov-agent"
 KEY = "/etc/ov/machine.kek"
 VAULT = "/var/lib/ov/vault.db"
 SOCKET = "/run/ov-agent/ov-agent.sock"
-RELEASED = "64a64b30fcc94232930a4740e847b570"         # ovagent.systemd_glue.MESSAGE_IDS
+RELEASED = "64a64b30fcc94232930a4740e847b570"         # ovagent.agent.audit.MESSAGE_IDS
 ACCEPTED = "f9136daab94d4ba3952e4e0cdf137d78"
 DENIED = "9aa11e1145a34f9ca41aa79f0bd1be2a"
 READY = "ea336cdaac054a37b2d05c67a7c84f1e"
@@ -676,7 +679,7 @@ def test_s12_spawn_refused_for_agent_uid_in_another_world_names_the_difference(b
     """A caller running as _ov-agent itself, in another unit: same uid, another world
     (network and mount namespaces at least).  The refusal must name what differs.
     (An unprivileged agent is not dumpable, so its own /proc/self/ns is root's and
-    unreadable to it: ovagent/peer.py world() listing it fails.)"""
+    unreadable to it: ovagent/core/procfs.py world_of() listing it fails.)"""
     need("configured")
     props, out = run_unit(box, "ov-spawn-same-uid.service", service_unit(
         "ov-spawn-same-uid", f"/usr/bin/ov run --agent --spawn --app {APP} "
@@ -1029,6 +1032,58 @@ def test_s8_security_exposure_within_the_claim(box):
                                "'systemd-analyze security' exposure")
     assert score <= claim, f"exposure {score} is above the claimed {claim}"
     assert score <= MAX_EXPOSURE, f"exposure {score} is above issue #12's {MAX_EXPOSURE}"
+
+
+# -- s14: every catalog entry, filled in ------------------------------------------------
+
+CATALOG_SOCKET = "/run/ov-catalog/agent.sock"
+
+
+def catalog_ids(box):
+    """The MESSAGE_IDs of the installed catalog's entries."""
+    files = box.run("sh", "-c", "dpkg -L ov-agent | grep '\\.catalog$'").out.split()
+    assert files, "the package ships no catalog"
+    return [match for path in files
+            for match in re.findall(r"^-- ([0-9a-f]{32})$", box.read(path).decode(), re.M)]
+
+
+def spawn_through_root_agent(box):
+    """accepted and exited records: the system agent never spawns (s12), so a root
+    agent in a plain transient unit serves a root caller in another plain unit (the
+    same world) once, then stops."""
+    box.run("systemd-run", "--unit", "ov-catalog-agent", "-p",
+            "RuntimeDirectory=ov-catalog", "--", "/usr/bin/ov", "agent", "start",
+            "--foreground", "--machine-key", KEY, "--vault", VAULT, "--socket",
+            CATALOG_SOCKET, "--app", APP)
+    try:
+        box.wait_for(lambda: box.exists(CATALOG_SOCKET), timeout=30,
+                     what="the root agent's socket")
+        return box.run("systemd-run", "--wait", "--pipe", "--quiet", "--",
+                       "/usr/bin/ov", "run", "--agent", "--spawn", "--socket",
+                       CATALOG_SOCKET, "--app", APP, "--secrets", "DB_URL", "--",
+                       "/bin/true", check=False)
+    finally:
+        box.systemctl("stop", "ov-catalog-agent.service", check=False)
+
+
+def test_s14_every_catalog_entry_renders_filled_in(box):
+    """journalctl substitutes only @FIELD@s the record has (and only names without
+    digits): a real record of each event, rendered with -x, leaves none behind."""
+    need("configured")
+    spawned = spawn_through_root_agent(box)
+    assert spawned.returncode == 0, spawned.err
+    ids = catalog_ids(box)
+    assert set(ids) >= {RELEASED, ACCEPTED, DENIED, READY, EXITED, UNCONFIGURED}, ids
+    for message_id in ids:
+        rendered = box.run("journalctl", "--no-pager", "-x", f"MESSAGE_ID={message_id}",
+                           "-n", "1").out
+        body = catalog_body(box, message_id)
+        assert body and any(line in rendered for line in body), (
+            f"no record of {message_id} rendered with its catalog entry", rendered)
+        unfilled = sorted(set(re.findall(r"@[A-Za-z0-9_]+@", rendered)))
+        assert not unfilled, (f"catalog entry {message_id} left {unfilled} unfilled",
+                              rendered)
+    assert not journal_has_value(box), "a secret value reached the journal"
 
 
 # -- s9: remove and purge --------------------------------------------------------------

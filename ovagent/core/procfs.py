@@ -1,23 +1,10 @@
-"""Who is on the other end of the agent's socket, from the kernel: the credentials
-fixed at connect() (SO_PEERCRED), a pidfd that pins the process, its systemd unit,
-and the world it lives in.
-
-A pid alone can be reused by another process between connect() and a /proc lookup.
-The agent therefore takes a pidfd right after accept (SO_PEERPIDFD where the kernel
-has it, Linux 6.5+; else pidfd_open at once), and trusts what it read from
-/proc/PID only if the pidfd's process is still running after the read: a process
-that exited cannot lend its unit, or its world, to the next owner of its pid.
-"""
+"""What /proc says about a process: its systemd unit and cgroup, and the world it
+lives in (what a child it starts would inherit).  The agent reads its peers' and its
+own; a pid can be another process's by the time it is read, so callers pin the
+process with a pidfd first (ovagent/agent/peer.py)."""
 
 import os
 import resource
-import select
-import socket
-import struct
-
-from .systemd_glue import process_cgroups
-
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 
 # What a command started by the agent inherits from the agent instead of its caller
 # (a process inherits its parent's world); --spawn needs them all to be equal.
@@ -37,57 +24,25 @@ SECCOMP_FILTERED = ["2"]            # /proc shows that filters exist, not which
 CORE_LIMIT = "Max core file size"   # the agent lowers its own soft limit (secmem)
 
 
-class Peer:
-    """The process at the other end of one accepted connection.  close() it."""
+def process_cgroups(pid):
+    """(systemd unit, cgroup2 path) of a process from one read of /proc/PID/cgroup.
 
-    def __init__(self, conn):
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                struct.calcsize("3i"))
-        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        self.pidfd = _peer_pidfd(conn, self.pid)
-        try:
-            unit, cgroup = process_cgroups(self.pid)
-            self.unit, self.cgroup = (unit, cgroup) if self.running() else (None, None)
-        except BaseException:
-            self.close()
-            raise
-
-    def running(self):
-        """True while the pidfd's process runs (so /proc/PID still is that process)."""
-        if self.pidfd is None:
-            return False
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)   # a pidfd turns readable when its process exits
-
-    def fields(self):
-        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid,
-                "peer_unit": self.unit}
-
-    def world(self):
-        """The peer's world (see world_of()), or None when it cannot be read or the
-        process is gone."""
-        try:
-            facts = world_of(self.pid)
-        except OSError:
-            return None
-        return facts if self.running() else None
-
-    def close(self):
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-
-
-def _peer_pidfd(conn, pid):
+    The unit is the innermost service or scope (from the cgroup2 or name=systemd
+    hierarchy); the path is None on pure cgroup v1.  (None, None) if unreadable."""
     try:
-        return struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+        # A cgroup's name is any bytes its creator chose: never fail on them.
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
     except OSError:
-        pass   # ENOPROTOOPT before Linux 6.5
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None   # gone already: nothing read from /proc/PID will be trusted
+        return None, None
+    fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    paths = [path for _, controllers, path in fields
+             if controllers in ("", "name=systemd")]
+    unit = next((part for path in paths for part in reversed(path.split("/"))
+                 if part.endswith((".service", ".scope"))), None)
+    cgroup2 = next((path.strip() for hierarchy, controllers, path in fields
+                    if hierarchy == "0" and controllers == ""), None)
+    return unit, cgroup2
 
 
 def world_of(pid):

@@ -69,30 +69,14 @@ def _is_placeholder(path):
 
 def write_key(path, key, force=False):
     """Write atomically, created 0600; never overwrite unless *force*."""
-    directory = os.path.dirname(os.path.abspath(path))
+    from . import files      # (contextlib: not on the client's path, which only reads)
+
+    exists = UsageError(f"{path} already exists; pass --force to overwrite it")
     if not force and os.path.lexists(path):
-        raise UsageError(f"{path} already exists; pass --force to overwrite it")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        raise exists
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails instead of overwriting a file that raced in
-    except FileExistsError:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it") from None
+        files.write(path, key, 0o600, replace=force)
+    except FileExistsError:    # one raced in: link() refused to overwrite it
+        raise exists from None
     except OSError as exc:
         raise OvError(f"cannot write machine key {path}: {exc.strerror}") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

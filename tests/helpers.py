@@ -1,11 +1,9 @@
-"""Fixtures and helpers for the agent suites (test_agent, test_protocol,
-test_activation): real ``ov agent start`` processes on real Unix sockets, started
-from the current venv's ``ov`` and always stopped in teardown.
-
-Test modules take the fixtures with ``from agent_fixtures import *`` and import the
-helpers by name.  Every wait has a deadline, so a hung agent fails a test instead of
-hanging CI.  Secret values never appear in assertion messages: commands print
-digests, and agent or client output goes through redact() first.
+"""Plain helpers of the test suite, imported by name: the real ``ov`` of the current
+venv and its environment, the demo vault's known secrets, waiting with deadlines,
+speaking the protocol directly, and the harness that starts agents (its fixtures
+are in agent_plugin.py).  Every wait has a deadline, so a hung agent fails a test
+instead of hanging CI.  Secret values never appear in assertion messages: commands
+print digests, and agent or client output goes through redact() first.
 """
 
 import array
@@ -23,16 +21,68 @@ import sys
 import termios
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import leaks
-from conftest import DEMO_SECRETS, OV, PASSWORD, SENTINEL
-from ovagent import protocol
+from ovagent.core import protocol
 
 
-__all__ = ["agent", "agents", "key"]   # the fixtures; helpers are imported by name
+OV = str(Path(sys.executable).with_name("ov"))
+PASSWORD = "correct horse battery"
+SENTINEL = "SENTINEL-7f3c9a1e-do-not-leak"
+DEMO_SECRETS = {"DB_URL": "postgres://u:" + SENTINEL + "@db/app", "API_TOKEN": "tok-123",
+                "EMPTY": ""}
+
+
+def ov_env(home, vault):
+    """A clean environment for ov: private HOME/XDG dirs and OV_VAULT."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OV_", "XDG_", "LISTEN_", "NOTIFY_", "CREDENTIALS_"))}
+    env.update(HOME=str(home), OV_VAULT=str(vault),
+               XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
+               XDG_RUNTIME_DIR=str(home / "run"))
+    return env
+
+
+@dataclass
+class Ov:
+    """Runs ``ov ARGS`` with the fixture's environment; returns CompletedProcess."""
+
+    env: dict
+    cwd: Path
+
+    def __call__(self, *args, input=None, check=None, timeout=60, env=None, **kwargs):
+        if isinstance(input, str):
+            input = input.encode()
+        result = subprocess.run(
+            [OV, *args], input=input, capture_output=True, timeout=timeout,
+            env=dict(self.env, **(env or {})), cwd=kwargs.pop("cwd", self.cwd),
+            start_new_session=True,  # no controlling tty: prompts fail instead of hanging
+            **kwargs)
+        where = f"the output of ov {' '.join(str(arg) for arg in args[:2])}"
+        leaks.watch.saw(where, result.stderr)
+        if args[:1] != ("run",):          # ov run's stdout is the command's
+            leaks.watch.saw(where, result.stdout)
+        result.out = result.stdout.decode(errors="replace")
+        result.err = result.stderr.decode(errors="replace")
+        if check is not None:
+            assert result.returncode == check, (result.returncode, result.out, result.err)
+        return result
+
+
+@dataclass
+class DemoVault:
+    path: Path
+    key: Path           # unscoped machine key (the KEK)
+    scoped_key: Path    # key scoped to app "demo"
+    ov: Ov
+    password: str = PASSWORD
+    app: str = "demo"
+    env: str = "production"
+
 
 SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
 SETPRIV = shutil.which("setpriv")
@@ -424,27 +474,6 @@ def _start_time(pid):
     """A process's start time (clock ticks since boot): tells it from a reused pid."""
     fields = proc_stat(pid)
     return fields[19] if fields else None
-
-
-@pytest.fixture
-def agents(demo, tmp_path):
-    harness = AgentHarness(demo, tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.cleanup()
-
-
-@pytest.fixture
-def key(demo):
-    """The demo vault's unscoped machine key, as bytes (to sign requests by hand)."""
-    return demo.key.read_bytes()
-
-
-@pytest.fixture
-def agent(agents):
-    """A foreground agent with the unscoped key, default app demo, --grace 1."""
-    return agents.start()
 
 
 def probe(agent, *options, **kwargs):

@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from . import files
 from .errors import IntegrityError, NotFoundError, OvError, UsageError
 
 SCHEMA_VERSION = 1
@@ -71,20 +72,6 @@ class SecretRecord:
     created: float
 
 
-SYSTEM_VAULT = "/var/lib/ov/vault.db"
-
-
-def default_vault_path(system=False):
-    """$OV_VAULT, else the system vault for root and the system agent (which runs as
-    its own user), else the XDG data dir."""
-    if os.environ.get("OV_VAULT"):
-        return os.environ["OV_VAULT"]
-    if system or os.geteuid() == 0:
-        return SYSTEM_VAULT
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return os.path.join(data, "ov", "vault.db")
-
-
 def _guarded(method):
     """Turn SQLite failures into one-line OvErrors naming the vault."""
 
@@ -116,28 +103,21 @@ class SqliteStore:
         place: a crash leaves either no vault or a whole one, never half of one."""
         path = os.path.abspath(path)
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.new")
         old = os.umask(0o077)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
+            with files.created(path, 0o600, replace=False,
+                               leftovers=("-wal", "-shm")) as (fd, tmp):
                 _owned_like_directory(fd, directory)
-            finally:
-                os.close(fd)
-            store = cls(tmp)
-            store.initialize(meta)
-            store.close()
-            os.link(tmp, path)
+                store = cls(tmp)
+                store.initialize(meta)
+                store.close()
         except FileExistsError:
             raise UsageError(f"a vault already exists at {path}") from None
         except OSError as exc:
             raise OvError(f"cannot create vault {path}: {exc.strerror}") from None
         finally:
             os.umask(old)
-            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
-                if os.path.lexists(leftover):
-                    os.unlink(leftover)
         return cls(path)
 
     @_guarded

@@ -6,80 +6,62 @@ import os
 import signal
 import socket
 import stat
-import sys
 
-from . import keyfile
-from .errors import EXIT_NOT_FOUND, NotFoundError, OvError, UsageError
-from .systemd_glue import (JOURNAL_SOCKET, Audit, inherited_listener, journal_available,
-                           under_systemd)
-
-PID_FILE_NAME = "ov-agent.pid"
-SYSTEM_UNIT = "ov-agent.service"
+from ..core import files, keyfile, paths, unlock
+from ..core.errors import NotFoundError, OvError, UsageError, warn
+from ..core.procfs import process_cgroups
+from ..core.vault import Vault
+from .audit import JOURNAL_SOCKET, Audit, journal_available, journal_sender
+from .auth import KeyState
+from .secmem import LockedKey, harden_process
+from .server import Server
+from .spawn import Spawner
+from .state import AgentState
+from .systemd import inherited_listener, under_systemd
 
 
 def no_key_help(system):
     """How to give this agent a key: the system key for the system agent (whatever
     its user), else its user's; then restart its own unit (one written by 'ov agent
     install --unit-name' has another name), or the system agent's."""
-    from .client import SYSTEM_KEY, default_key_path
-    from .systemd_glue import process_cgroups
-
     own = process_cgroups(os.getpid())[0] if os.environ.get("INVOCATION_ID") else None
-    unit = own if (own or "").endswith(".service") else SYSTEM_UNIT
+    unit = own if (own or "").endswith(".service") else paths.SYSTEM_UNIT
     if system:
-        key_path, scope = SYSTEM_KEY, ""
+        key_path, scope = paths.SYSTEM_KEY, ""
     else:
-        key_path, scope = default_key_path(), "" if os.geteuid() == 0 else " --user"
+        key_path, scope = paths.key_path(), "" if os.geteuid() == 0 else " --user"
     return (f"create a machine key with 'ov auth derive-machine-key --out {key_path}' "
             f"(mode 0600), then 'systemctl{scope} restart {unit}'")
-
-
-def default_agent_socket():
-    from .client import SYSTEM_SOCKET, user_socket_path
-
-    if os.environ.get("OV_AGENT_SOCK"):
-        return os.environ["OV_AGENT_SOCK"]
-    if os.geteuid() != 0 and user_socket_path():
-        return user_socket_path()
-    return SYSTEM_SOCKET
-
-
-def default_pid_file(socket_path=None):
-    return os.path.join(os.path.dirname(socket_path or default_agent_socket()),
-                        PID_FILE_NAME)
 
 
 # -- the key -------------------------------------------------------------------
 
 
-def load_keyring(machine_key, vault_path, app, systemd, system):
-    """Unlock the vault for the agent.  Returns (vault, keyring, mode, key bytes) or,
-    under systemd with nothing to unlock with, (None, None, 'unconfigured', reason).
-    The system agent reads the system vault whatever its user."""
-    from .cli import _prompt
-    from .store import default_vault_path
-    from .vault import Vault
+class Unconfigured(Exception):
+    """Under systemd, with no key or no vault: serve, answering why not."""
 
-    key_path = machine_key or keyfile.credential_path()
-    if key_path is None and not (sys.stdin.isatty() and not systemd):
+
+def load_keys(machine_key, vault_path, app, systemd, system):
+    """Unlock the vault for the agent: (vault, keyring, mode, key bytes).  Under
+    systemd with nothing to unlock with, raise Unconfigured (the reason)."""
+    key_path = unlock.key_file(machine_key)
+    if key_path is None and (systemd or not os.isatty(0)):
         if systemd:
-            return (None, None, "unconfigured",
-                    f"the agent has no machine key: {no_key_help(system)}")
+            raise Unconfigured(f"the agent has no machine key: {no_key_help(system)}")
         raise UsageError("no machine key: pass --machine-key PATH, provide the systemd "
                          "credential machine.kek, or start on a terminal to unlock with "
                          "the master password")
     key = keyfile.read_key(key_path) if key_path else None
     try:
-        vault = Vault.open(vault_path or default_vault_path(system))
+        vault = Vault.open(vault_path or paths.vault_path(system))
     except NotFoundError as exc:
         if systemd:
-            return None, None, "unconfigured", f"{exc}"
+            raise Unconfigured(str(exc)) from None
         raise
     if key is not None:
         keyring = vault.unlock_key(key, app)
-        mode = "machine-key" if keyring.kek is not None else "scoped-key"
-        return vault, keyring, mode, key
-    keyring = vault.unlock(_prompt("Master password: "))
+        return vault, keyring, "machine-key" if keyring.kek else "scoped-key", key
+    keyring = unlock.unlock(vault, instead="--machine-key PATH")
     return vault, keyring, "interactive", keyring.kek
 
 
@@ -156,49 +138,35 @@ def _remove_if_ours(path, inode):
 def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
           foreground=False, vault=None, max_clients=None, grace=None, drain=None,
           system=False):
-    from .agent import Agent, KeyState
-    from .secmem import LockedKey, harden_process
-    from .server import Server
-
+    """Run the agent until SIGTERM; returns its exit status."""
     hardening = harden_process()
     systemd = under_systemd()
-    vault_obj, keyring, mode, key_or_reason = load_keyring(machine_key, vault, app, systemd,
-                                                           system)
+    try:
+        vault_obj, keyring, mode, raw_key = load_keys(machine_key, vault, app, systemd,
+                                                      system)
+        reason = None
+    except Unconfigured as exc:
+        vault_obj, keyring, mode, raw_key, reason = None, None, "unconfigured", None, str(exc)
     listener = inherited_listener() if systemd else None
     created = None
     if listener is None:
-        socket_path = socket_path or default_agent_socket()
+        socket_path = socket_path or paths.agent_socket()
         listener, created = bind_socket(socket_path)
-        pid_file = pid_file or default_pid_file(socket_path)
-    detach = not foreground and not systemd
-    ready_w = _detach() if detach else None
-    key = LockedKey(key_or_reason) if vault_obj is not None else None
-    audit = Audit(use_journal=journal_available() or
-                  (detach and os.path.exists(JOURNAL_SOCKET)))
-    if pid_file:
-        try:
-            _write_pid_file(pid_file)
-        except OSError as exc:
-            _report(ready_w, f"cannot write pid file {pid_file}: {exc.strerror}")
-            raise OvError(f"cannot write pid file {pid_file}: {exc.strerror}") from None
-    keys = KeyState(vault_obj, keyring, mode,
-                    None if key else key_or_reason, key)
-    agent = Agent(keys, default_app=app, all_users=system, audit=audit,
-                  **({} if grace is None else {"grace": grace}))
-    server = Server(listener, agent, **{name: value for name, value in
-                                        (("max_clients", max_clients), ("drain", drain))
-                                        if value is not None})
-    where = socket_path or "systemd socket"
-    audit.event("started", f"ov-agent started on {where} ({mode})", mode=mode,
-                scope=keys.scope, socket=where, hardening=hardening + (
-                    key.protections if key else []))
-    if mode == "interactive":
-        audit.event("started", "interactive mode: unsigned requests are accepted only "
-                    "from this uid, checked with SO_PEERCRED on every connection")
-    if key is None:
-        audit.event("unconfigured", f"ov-agent cannot serve: {key_or_reason}")
-    _report(ready_w, "ok")
+        pid_file = pid_file or paths.pid_file(socket_path)
+    ready_w = None if foreground or systemd else _detach()
+    # Locked after detaching: the page is wiped in forked children (secmem).
+    key = LockedKey(raw_key) if raw_key is not None else None
+    journal = journal_available() or (ready_w is not None and os.path.exists(JOURNAL_SOCKET))
+    audit = Audit(journal_sender() if journal else None)
     try:
+        if pid_file:
+            _write_pid_file(pid_file, ready_w)
+        state = AgentState(KeyState(vault_obj, keyring, mode, reason, key),
+                           default_app=app, all_users=system, audit=audit)
+        server = Server(listener, state, Spawner(state, **_given(grace=grace)),
+                        **_given(max_clients=max_clients, drain=drain))
+        _announce(audit, state, socket_path, hardening + (key.protections if key else []))
+        _report(ready_w, "ok")
         return server.serve()
     finally:
         if created is not None:
@@ -207,6 +175,23 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
             _remove_pid_file(pid_file)
         if key is not None:
             key.close()
+
+
+def _given(**options):
+    """The options that were given (None: the default of whoever takes them)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _announce(audit, state, socket_path, protections):
+    where = socket_path or "systemd socket"
+    mode = state.keys.mode
+    audit.event("started", f"ov-agent started on {where} ({mode})", mode=mode,
+                scope=state.keys.scope, socket=where, hardening=protections)
+    if mode == "interactive":
+        audit.event("started", "interactive mode: unsigned requests are accepted only "
+                    "from this uid, checked with SO_PEERCRED on every connection")
+    if mode == "unconfigured":
+        audit.event("unconfigured", f"ov-agent cannot serve: {state.keys.reason}")
 
 
 def _report(ready_w, message):
@@ -223,7 +208,7 @@ def _detach():
         os.close(ready_w)
         message = os.read(ready_r, 512).decode(errors="replace")
         if message != "ok":
-            print(f"ov: agent failed to start: {message or 'it died'}", file=sys.stderr)
+            warn(f"agent failed to start: {message or 'it died'}")
         os._exit(0 if message == "ok" else 1)
     os.close(ready_r)
     os.setsid()
@@ -237,11 +222,12 @@ def _detach():
     return ready_w
 
 
-def _write_pid_file(path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as handle:
-        handle.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+def _write_pid_file(path, ready_w):
+    try:
+        files.write(path, f"{os.getpid()}\n".encode(), 0o644)
+    except OSError as exc:
+        _report(ready_w, f"cannot write pid file {path}: {exc.strerror}")
+        raise OvError(f"cannot write pid file {path}: {exc.strerror}") from None
 
 
 def _remove_pid_file(path):
@@ -271,8 +257,6 @@ def agent_alive(pid):
 def stop(pid_file):
     pid = read_pid_file(pid_file)
     if pid is None or not agent_alive(pid):
-        err = OvError(f"no running agent found via pid file {pid_file}")
-        err.exit_code = EXIT_NOT_FOUND
-        raise err
+        raise NotFoundError(f"no running agent found via pid file {pid_file}")
     os.kill(pid, signal.SIGTERM)
     return pid

@@ -6,7 +6,24 @@ import os
 
 import _signal
 
-from .errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, ExecError
+from ..core import paths
+from ..core.errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, ExecError, UsageError
+from . import config, talk
+
+
+def run_with_agent(command, *, socket=None, machine_key=None, app=None, env=None,
+                   secrets=None, vault=None, spawn=False):
+    """``ov run --agent``: exec the command with the secrets the agent released, or
+    (--spawn) return the exit status of the command the agent ran."""
+    if vault:
+        raise UsageError("--vault is the agent's business; it cannot go with --agent")
+    target = config.resolve(app, env, secrets)
+    where = dict(socket_path=socket or paths.client_socket(),
+                 key=talk.find_key(machine_key), app=target.app, env=target.env,
+                 secrets=target.secrets)
+    if spawn:
+        return talk.spawn(list(command), **where)
+    exec_with_secrets(list(command), talk.release(command[0], **where))
 
 
 def child_environment(base, secrets):

@@ -5,8 +5,9 @@
 
 import os
 
-from .errors import UsageError
-from .validate import check_name, check_slug
+from ..core import paths
+from ..core.errors import UsageError
+from ..core.validate import check_name, check_slug
 
 PROJECT_FILE = ".ov.yaml"
 DEFAULT_APP = "default"
@@ -38,8 +39,7 @@ def project_file(start=None):
 
 
 def user_config_file():
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    path = os.path.join(base, "ov", "config.yaml")
+    path = paths.user_config()
     return path if os.path.isfile(path) else None
 
 

@@ -1,46 +1,46 @@
-"""ovagent.peer: what the agent compares before it spawns a command for a caller
+"""ovagent.core.procfs: what the agent compares before it spawns a command for a caller
 (``ov run --agent --spawn``).  In-process, on real /proc files."""
 
 import os
 import resource
 
-from ovagent import peer
+from ovagent.core import procfs
 
 
 def test_a_process_has_no_difference_with_itself():
-    mine = peer.world_of(os.getpid())
-    assert peer.differences(mine, peer.world_of(os.getpid())) == []
+    mine = procfs.world_of(os.getpid())
+    assert procfs.differences(mine, procfs.world_of(os.getpid())) == []
     assert mine["mount namespace"] is not None and mine["root directory"] is not None
     assert "limit 'Max open files'" in mine and "capability bounding set" in mine
 
 
 def test_every_fact_that_differs_is_named():
-    mine = peer.world_of(os.getpid())
+    mine = procfs.world_of(os.getpid())
     for fact in ("network namespace", "uids", "NoNewPrivs", "capability bounding set",
                  "limit 'Max open files'", "security label", "root directory"):
         theirs = dict(mine, **{fact: "something else"})
-        assert peer.differences(mine, theirs) == [fact], fact
+        assert procfs.differences(mine, theirs) == [fact], fact
 
 
 def test_only_the_hard_core_limit_counts():
     """The agent lowers its own soft core limit (no core dumps of the key) and gives
     a spawned command the caller's back; the hard limit must still match."""
-    mine = peer.world_of(os.getpid())
-    core = f"limit '{peer.CORE_LIMIT}'"
+    mine = procfs.world_of(os.getpid())
+    core = f"limit '{procfs.CORE_LIMIT}'"
     soft, hard = mine[core]
-    assert peer.differences(mine, dict(mine, **{core: ("0", hard)})) == []
-    assert peer.differences(mine, dict(mine, **{core: (soft, "12345")})) == [core]
-    assert peer.core_soft_limit(dict(mine, **{core: ("unlimited", hard)})) == \
+    assert procfs.differences(mine, dict(mine, **{core: ("0", hard)})) == []
+    assert procfs.differences(mine, dict(mine, **{core: (soft, "12345")})) == [core]
+    assert procfs.core_soft_limit(dict(mine, **{core: ("unlimited", hard)})) == \
         resource.RLIM_INFINITY
 
 
 def test_seccomp_filters_on_either_side_are_a_difference():
     """/proc tells that filters exist, not which: equal counts prove nothing."""
-    mine = dict(peer.world_of(os.getpid()), **{"seccomp mode": ["2"]})
-    assert peer.differences(mine, dict(mine)) == ["seccomp filters (they cannot be "
+    mine = dict(procfs.world_of(os.getpid()), **{"seccomp mode": ["2"]})
+    assert procfs.differences(mine, dict(mine)) == ["seccomp filters (they cannot be "
                                                   "compared)"]
 
 
 def test_a_missing_namespace_kind_is_recorded_not_fatal(monkeypatch):
-    monkeypatch.setitem(peer.NAMESPACE_NAMES, "no_such_ns", "imaginary namespace")
-    assert peer.world_of(os.getpid())["imaginary namespace"] is None
+    monkeypatch.setitem(procfs.NAMESPACE_NAMES, "no_such_ns", "imaginary namespace")
+    assert procfs.world_of(os.getpid())["imaginary namespace"] is None

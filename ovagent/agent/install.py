@@ -1,11 +1,12 @@
 """``ov agent install``: systemd units for an ov that did not come with them (pip,
-a virtualenv, a source checkout).  The Debian package ships its own units (units/);
-the units written here carry the same directives (tests/test_install.py checks it),
-with this installation's ``ov`` and the given key file.
+a virtualenv, a source checkout).  It renders the very files the Debian package
+installs (units/, which also ships inside the Python package), changing only what an
+installation needs: its own ``ov``, the key file, the units' name and the socket.
 
 As root: a system socket and service in /etc/systemd/system, plus the sysusers.d
-entry for the ``ov-agent`` group and the tmpfiles.d entry for the socket's directory.
-Otherwise (or with --user): user units in $XDG_CONFIG_HOME/systemd/user.
+entries (the ``ov-agent`` group, the ``_ov-agent`` user) and the tmpfiles.d entry for
+the socket's directory.  Otherwise (or with --user): user units in
+$XDG_CONFIG_HOME/systemd/user.
 
 Every file written starts with MARKER; a file without it is never overwritten.
 For tests, $OV_INSTALL_ROOT prefixes every path written, and $SYSTEMCTL,
@@ -16,9 +17,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
-from . import __version__, keyfile
-from .errors import OvError, UsageError
+from .. import __version__
+from ..core import files, keyfile, paths
+from ..core.errors import OvError, UsageError
 
 MARKER = "# Written by 'ov agent install'"
 GROUP = "ov-agent"
@@ -26,101 +29,33 @@ DEFAULT_NAME = "ov-agent"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Characters a path may not contain to go into a unit file verbatim.
 UNSAFE_RE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
-AGENT_OPTIONS = "agent start --foreground{system} --drain 30 --grace 5"
+# What the packaged units say, and what an installation changes in them.
+PACKAGED_OV = "ExecStart=/usr/bin/ov "
+PACKAGED_KEY = {False: "LoadCredential=machine.kek:/etc/ov/machine.kek",
+                True: "LoadCredential=machine.kek:%E/ov/machine.kek"}
+PACKAGED_SOCKET = {False: f"ListenStream={paths.SYSTEM_SOCKET}",
+                   True: "ListenStream=%t/ov-agent/ov-agent.sock"}
+PACKAGED_DESCRIPTION = "Description=ov-agent secrets agent"
 
-# The system service's user and sandbox: the same as units/ov-agent.service (its
-# comments and ov-agent(8) explain them, and the exposure score they yield).
-AGENT_USER = "_ov-agent"
-SYSTEM_IDENTITY = f"User={AGENT_USER}\nGroup={AGENT_USER}\n"
-SYSTEM_STATE = "StateDirectory=ov\nStateDirectoryMode=0700\n"
-SYSTEM_HARDENING = """\
-AmbientCapabilities=
-CapabilityBoundingSet=
-DevicePolicy=closed
-IPAddressDeny=any
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-NoNewPrivileges=yes
-PrivateDevices=yes
-PrivateMounts=yes
-PrivateNetwork=yes
-PrivateTmp=yes
-ProcSubset=pid
-ProtectClock=yes
-ProtectControlGroups=yes
-ProtectHome=yes
-ProtectHostname=yes
-ProtectKernelLogs=yes
-ProtectKernelModules=yes
-ProtectKernelTunables=yes
-ProtectSystem=strict
-RemoveIPC=yes
-RestrictAddressFamilies=AF_UNIX
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-SystemCallArchitectures=native
-SystemCallErrorNumber=EPERM
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-"""
-# A user agent may spawn commands (--spawn from the user's own world): a restart
-# must not kill them.
-USER_KILL_MODE = "KillMode=process\n"
 
-SOCKET_TEMPLATE = """\
-{header}
+def units_dir():
+    """units/: inside the installed package, or beside it in a source tree."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "units", package.parent / "units"):
+        if (candidate / "ov-agent.service").is_file():
+            return candidate
+    raise OvError("this installation of ov lacks its unit files (ovagent/units)")
 
-[Unit]
-Description={description} socket
-Documentation=man:ov-agent(8) man:ov-run(1)
 
-[Socket]
-ListenStream={socket}
-Accept=no
-FileDescriptorName=ov-agent
-{ownership}RemoveOnStop=yes
-TriggerLimitIntervalSec=5s
-TriggerLimitBurst=10
-
-[Install]
-WantedBy=sockets.target
-"""
-
-SERVICE_TEMPLATE = """\
-{header}
-
-[Unit]
-Description={description}
-Documentation=man:ov-agent(8) man:ov-run(1) man:ov(1)
-Requires={name}.socket
-After={name}.socket
-StartLimitIntervalSec=10s
-StartLimitBurst=5
-
-[Service]
-Type=notify
-ExecStart={exec_start}
-{identity}LoadCredential=machine.kek:{key}
-SetCredential=machine.kek:none
-{state}UMask=0077
-Restart=on-failure
-RestartSec=1s
-WatchdogSec=30s
-TimeoutStartSec=20s
-TimeoutStopSec=45s
-{extra}"""
-
-SYSTEM_OWNERSHIP = f"""\
-SocketUser=root
-SocketGroup={GROUP}
-SocketMode=0660
-DirectoryMode=0750
-"""
-USER_OWNERSHIP = """\
-SocketMode=0600
-DirectoryMode=0700
-"""
+def render(relative, changes, header):
+    """A packaged file with *changes* (old, new) made, each of which must apply: a
+    unit that no longer says what install expects fails here, not on a server."""
+    text = (units_dir() / relative).read_text()
+    for old, new in changes:
+        if old not in text:
+            raise OvError(f"units/{relative} no longer contains {old!r}")
+        text = text.replace(old, new)
+    return f"{header}\n{text}"
 
 
 class Unit:
@@ -182,63 +117,52 @@ def plan(*, machine_key, socket=None, unit_name=DEFAULT_NAME, user=False):
     (units, commands, notes)."""
     name = _check_name(unit_name or DEFAULT_NAME)
     key = os.path.abspath(machine_key)
-    root = os.environ.get("OV_INSTALL_ROOT", "")
     user = user or os.geteuid() != 0
+    listen = _user_socket(name, socket) if user else _system_socket(name, socket)
+    units = _units(name, key, listen, user)
+    scope = ["--user"] if user else []
+    commands = [] if user else [
+        [_program("SYSTEMD_SYSUSERS", "systemd-sysusers"), f"{name}.conf"],
+        [_program("SYSTEMD_TMPFILES", "systemd-tmpfiles"), "--create", f"{name}.conf"]]
+    systemctl = [_program("SYSTEMCTL", "systemctl"), *scope]
+    commands += [[*systemctl, "daemon-reload"],
+                 [*systemctl, "enable", "--now", f"{name}.socket"]]
+    return units, commands, _notes(name, key, listen, user)
+
+
+def _units(name, key, listen, user):
     header = (f"{MARKER} (ov {__version__}); running it again rewrites this file.\n"
               f"# Local changes: 'systemctl{' --user' if user else ''} edit "
               f"{name}.service' (drop-ins survive).  See ov-agent(8).")
-    description = "ov-agent secrets agent" + (f" ({name})" if name != DEFAULT_NAME else "")
-    description += " (user)" if user else ""
-    exec_start = f"{_ov_command()} " + AGENT_OPTIONS.format(
-        system="" if user else " --system")
-    notes = []
-    if user:
-        config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-        unit_dir = os.path.join(config, "systemd", "user")
-        listen = _user_socket(name, socket)
-        socket_text = f"%t/{name}/{name}.sock" if listen is None else _unit_text(listen)
-        ownership, systemctl = USER_OWNERSHIP, ["--user"]
-        identity, state, extra = "", "", USER_KILL_MODE
-        shown = listen or f"$XDG_RUNTIME_DIR/{name}/{name}.sock"
-        default_socket = name == DEFAULT_NAME and listen is None
-    else:
-        unit_dir = "/etc/systemd/system"
-        listen = _system_socket(name, socket)
-        socket_text = _unit_text(listen)
-        ownership, systemctl = SYSTEM_OWNERSHIP, []
-        identity, state = SYSTEM_IDENTITY, SYSTEM_STATE
-        extra = "\n" + SYSTEM_HARDENING
-        shown = listen
-        default_socket = listen == "/run/ov-agent/ov-agent.sock"
+    named = [] if name == DEFAULT_NAME else [
+        (PACKAGED_DESCRIPTION, f"{PACKAGED_DESCRIPTION} ({name})")]
+    socket_text = f"%t/{name}/{name}.sock" if listen is None else _unit_text(listen)
+    where, unit_dir = (("user", os.path.join(paths.config_home(), "systemd", "user"))
+                       if user else (".", "/etc/systemd/system"))
     units = [
-        Unit(os.path.join(unit_dir, f"{name}.socket"), SOCKET_TEMPLATE.format(
-            header=header, description=description, socket=socket_text,
-            ownership=ownership)),
-        Unit(os.path.join(unit_dir, f"{name}.service"), SERVICE_TEMPLATE.format(
-            header=header, description=description, name=name, exec_start=exec_start,
-            identity=identity, key=_unit_text(key), state=state, extra=extra)),
-    ]
-    commands = []
+        Unit(os.path.join(unit_dir, f"{name}.socket"), render(
+            f"{where}/ov-agent.socket",
+            [(PACKAGED_SOCKET[user], f"ListenStream={socket_text}"), *named], header)),
+        Unit(os.path.join(unit_dir, f"{name}.service"), render(
+            f"{where}/ov-agent.service",
+            [(PACKAGED_OV, f"ExecStart={_ov_command()} "),
+             (PACKAGED_KEY[user], f"LoadCredential=machine.kek:{_unit_text(key)}"),
+             ("ov-agent.socket", f"{name}.socket"), *named], header))]
     if not user:
-        units.append(Unit(f"/etc/sysusers.d/{name}.conf",
-                          f"{MARKER} (ov {__version__}).\n"
-                          f"# The group that may connect to {listen}.\n"
-                          f"g {GROUP} - -\n"
-                          "# The system agent's own user; it owns /var/lib/ov.\n"
-                          f'u {AGENT_USER} - "ov-agent secrets agent" /var/lib/ov '
-                          "/usr/sbin/nologin\n"))
-        units.append(Unit(f"/etc/tmpfiles.d/{name}.conf",
-                          f"{MARKER} (ov {__version__}).\n"
-                          f"# The socket's directory: root and the {GROUP} group.\n"
-                          f"d {_unit_text(os.path.dirname(listen))} 0750 root {GROUP} -\n"))
-        commands += [[_program("SYSTEMD_SYSUSERS", "systemd-sysusers"), f"{name}.conf"],
-                     [_program("SYSTEMD_TMPFILES", "systemd-tmpfiles"), "--create",
-                      f"{name}.conf"]]
-    systemctl = [_program("SYSTEMCTL", "systemctl"), *systemctl]
-    commands += [[*systemctl, "daemon-reload"],
-                 [*systemctl, "enable", "--now", f"{name}.socket"]]
+        units += [Unit(f"/etc/sysusers.d/{name}.conf",
+                       render("sysusers.d/ov-agent.conf", [], header)),
+                  Unit(f"/etc/tmpfiles.d/{name}.conf", render(
+                      "tmpfiles.d/ov-agent.conf",
+                      [(f"d {os.path.dirname(paths.SYSTEM_SOCKET)} ",
+                        f"d {_unit_text(os.path.dirname(listen))} ")], header))]
+    root = os.environ.get("OV_INSTALL_ROOT", "")
     for unit in units:
-        unit.path = root + unit.path if root else unit.path
+        unit.path = root + unit.path
+    return units
+
+
+def _notes(name, key, listen, user):
+    notes = []
     if not os.path.exists(key):
         notes.append(f"{key} does not exist yet: until it does, the agent starts in "
                      "'unconfigured' mode and tells clients how to create it "
@@ -246,13 +170,15 @@ def plan(*, machine_key, socket=None, unit_name=DEFAULT_NAME, user=False):
                      f"'systemctl{' --user' if user else ''} restart {name}.service').")
     else:
         keyfile.read_key(key)  # refuse a key file with the wrong owner, mode or size
-    if not default_socket:
+    shown = listen or f"$XDG_RUNTIME_DIR/{name}/{name}.sock"
+    if (listen or f"%t/{name}/{name}.sock") not in (paths.SYSTEM_SOCKET,
+                                                      "%t/ov-agent/ov-agent.sock"):
         notes.append(f"clients reach this agent with '--socket {shown}' or "
                      f"OV_AGENT_SOCK={shown}.")
     if not user:
         notes.append(f"services that use the agent need SupplementaryGroups={GROUP} and "
                      f"LoadCredential=machine.kek:{key} (see ov-agent(8)).")
-    return units, commands, notes
+    return notes
 
 
 def _program(variable, default):
@@ -278,18 +204,10 @@ def write(units):
                              "'ov agent install' (move it away, or choose another "
                              "--unit-name)")
     for unit in units:
-        directory = os.path.dirname(unit.path)
-        tmp = os.path.join(directory, f".{os.path.basename(unit.path)}.{os.getpid()}.tmp")
         try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(unit.text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, unit.path)
+            os.makedirs(os.path.dirname(unit.path), mode=0o755, exist_ok=True)
+            files.write(unit.path, unit.text.encode(), 0o644)
         except OSError as exc:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
             raise OvError(f"cannot write {unit.path}: {exc.strerror}") from None
 
 

@@ -15,17 +15,14 @@ come from the C modules _socket and _signal: socket.py and signal.py only add en
 import binascii   # built in, like _signal and _socket: nothing to load
 import os
 import stat
-import sys
 
 import _signal
 import _socket
 
-from . import keyfile, protocol, seal
-from .errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
-                     EXIT_USAGE, AgentError, AuthError)
+from ..core import keyfile, paths, protocol, seal
+from ..core.errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
+                     EXIT_USAGE, AgentError, AuthError, warn)
 
-SYSTEM_SOCKET = "/run/ov-agent/ov-agent.sock"
-SYSTEM_KEY = "/etc/ov/machine.kek"
 # A socket-activated agent may still be starting, or a restarting one still draining
 # (the system unit drains up to 30 s): wait longer than both before giving up.
 CONNECT_TIMEOUT = 60.0
@@ -36,35 +33,12 @@ EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
                  protocol.E_BAD_REQUEST: EXIT_USAGE}
 
 
-def user_socket_path():
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "ov-agent", "ov-agent.sock") if runtime else None
-
-
-def default_socket_path():
-    """$OV_AGENT_SOCK, else the user's agent socket when it exists, else the system one."""
-    if os.environ.get("OV_AGENT_SOCK"):
-        return os.environ["OV_AGENT_SOCK"]
-    user = user_socket_path()
-    if user and os.path.exists(user):
-        return user
-    return SYSTEM_SOCKET
-
-
-def default_key_path():
-    """Where ``ov run --agent`` looks for a key when given none."""
-    if os.geteuid() == 0:
-        return SYSTEM_KEY
-    config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return os.path.join(config, "ov", "machine.kek")
-
-
 def find_key(machine_key=None):
     """--machine-key, else $CREDENTIALS_DIRECTORY/machine.kek, else the default path;
     None when there is none (only an interactive agent accepts unsigned requests)."""
     path = machine_key or keyfile.credential_path()
-    if path is None and os.path.exists(default_key_path()):
-        path = default_key_path()
+    if path is None and os.path.exists(paths.key_path()):
+        path = paths.key_path()
     return keyfile.read_key(path) if path else None
 
 
@@ -140,7 +114,7 @@ def _signed(sock, op, key, **fields):
 
 def _where_keys_come_from():
     return (f"no machine key found: pass --machine-key, or provide "
-            f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or {default_key_path()}")
+            f"$CREDENTIALS_DIRECTORY/{keyfile.CREDENTIAL_NAME} or {paths.key_path()}")
 
 
 def _explain_unsigned(error, key):
@@ -266,8 +240,8 @@ def _exit_status(frame):
 
 def _wait_detached(pid):
     """The agent stopped while the command runs: it keeps running; wait for it."""
-    print(f"ov: the agent stopped; command (pid {pid}) keeps running, its exit status "
-          "will not be known", file=sys.stderr)
+    warn(f"the agent stopped; command (pid {pid}) keeps running, its exit status will "
+         "not be known")
     if type(pid) is not int or pid <= 0:
         return EXIT_AGENT
     import select

@@ -2,7 +2,7 @@
 and writes its answer, without a thread per connection.
 
 Before reading a byte of a new connection it checks SO_PEERCRED and takes a pidfd
-(ovagent/peer.py); it then sends the hello and reads the request frame as its bytes
+(ovagent/agent/peer.py); it then sends the hello and reads the request frame as its bytes
 arrive, under a deadline per connection.  Status and release requests are answered
 here: they are short, and one thread holding the interpreter lock beats dozens
 handing it to each other (bench/: 28 context switches per request with a thread per
@@ -17,19 +17,20 @@ import os
 import selectors
 import signal
 import socket
-import threading
 import time
 
-from . import __version__, protocol
-from .errors import OvError
+from .. import __version__
+from ..core import protocol
+from ..core.protocol import ProtocolError
+from .auth import authenticate
 from .peer import Peer
-from .protocol import ProtocolError
-from .systemd_glue import Notifier
+from .release import release
+from .state import refuse_and_close
+from .systemd import Notifier
 
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_DRAIN = 30.0          # seconds SIGTERM waits for requests and spawned commands
 ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
-DETACH_WAIT = 5.0             # seconds for supervisors to let go after detaching
 OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -48,56 +49,95 @@ class Connection:
             "agent": f"ov-agent {__version__}", "challenge": self.challenge}))
         self.answered = False
 
+    def queue(self, data):
+        """The answer: written as the client reads it, then the connection closes."""
+        self.outgoing += data
+        self.answered = True
+        self.deadline = time.monotonic() + protocol.FRAME_TIMEOUT
+
+    def send(self):
+        """Write what the client will take now; True once everything is written."""
+        try:
+            del self.outgoing[:self.sock.send(self.outgoing)]
+        except (BlockingIOError, InterruptedError):
+            pass
+        return not self.outgoing
+
+    def events(self):
+        """What to wait for: writing what is queued, reading until the request is
+        whole."""
+        return (WRITE if self.outgoing else 0) | (0 if self.answered else READ)
+
     def close(self):
         self.reader.close_fds()
         self.sock.close()
         self.peer.close()
 
 
+class SignalPipe:
+    """SIGTERM, SIGINT and SIGHUP, as bytes on a socket the loop selects on
+    (signal.set_wakeup_fd); close() restores the handlers and the wake-up fd."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.reader, self._writer = socket.socketpair()
+        for end in (self.reader, self._writer):
+            end.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._writer.fileno(),
+                                              warn_on_full_buffer=False)
+        self._handlers = {signum: signal.signal(signum, lambda *_: None)
+                          for signum in self.SIGNALS}
+
+    def received(self):
+        """The signals that arrived since the last call."""
+        try:
+            return set(self.reader.recv(64))
+        except BlockingIOError:
+            return set()
+
+    def close(self):
+        signal.set_wakeup_fd(self._previous)
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self.reader.close()
+        self._writer.close()
+
+
 class Server:
-    def __init__(self, listener, agent, *, max_clients=DEFAULT_MAX_CLIENTS,
+    def __init__(self, listener, state, spawner, *, max_clients=DEFAULT_MAX_CLIENTS,
                  drain=DEFAULT_DRAIN, notifier=None):
-        self.listener, self.agent = listener, agent
+        self.listener, self.state, self.spawner = listener, state, spawner
         self.max_clients, self.drain = max_clients, drain
         self.notifier = notifier or Notifier()
         self.selector = selectors.DefaultSelector()
         self.connections = set()
-        self._spawned = 0                          # supervising threads
-        self._spawned_done = threading.Condition()
         self._stop_at = None                       # monotonic time of SIGTERM
         self._paused_until = None                  # listener rests (EMFILE)
         self._listening = False                    # the listener is in the selector
-        self._wake = None                          # signal wake-up pair (read, write)
+        self._signals = None                       # while serving: a SignalPipe
 
     # -- the loop ---------------------------------------------------------------------
 
     def serve(self):
         """Serve until SIGTERM or SIGINT, then drain (a clean stop: exit status 0)."""
-        self._wake = socket.socketpair()
-        for end in self._wake:
-            end.setblocking(False)
-        previous = signal.set_wakeup_fd(self._wake[1].fileno(), warn_on_full_buffer=False)
-        handlers = {signum: signal.signal(signum, lambda *_: None)
-                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self._signals = SignalPipe()
         self.listener.setblocking(False)
         self._listen(True)
-        self.selector.register(self._wake[0], READ, "signal")
-        status = f"serving ({self.agent.keys.mode})"
+        self.selector.register(self._signals.reader, READ, "signal")
+        status = f"serving ({self.state.keys.mode})"
         self.notifier.ready(status)
-        self.agent.audit.event("ready", f"ov-agent ready, {status}",
-                               mode=self.agent.keys.mode, scope=self.agent.keys.scope)
+        self.state.audit.event("ready", f"ov-agent ready, {status}",
+                               mode=self.state.keys.mode, scope=self.state.keys.scope)
         try:
             self._loop()
         finally:
-            signal.set_wakeup_fd(previous)
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
             for conn in list(self.connections):
                 self._close(conn)
             self.selector.close()
-            for end in self._wake:
-                end.close()
-        self._wait_for_spawned()
+            self._signals.close()
+        left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
+        self.spawner.finish(max(0.0, left))
         return 0
 
     def _loop(self):
@@ -163,17 +203,13 @@ class Server:
             self._listen(self._stop_at is None)
 
     def _on_signals(self):
-        try:
-            data = self._wake[0].recv(64)
-        except BlockingIOError:
-            return
-        if self._stop_at is None and any(signum in (signal.SIGTERM, signal.SIGINT)
-                                         for signum in data):
+        if self._stop_at is None and self._signals.received() & {signal.SIGTERM,
+                                                                 signal.SIGINT}:
             self._stop_at = time.monotonic()
             self._listen(False)
             self.notifier.stopping("stopping: waiting for running requests")
-            self.agent.audit.event("stopping", "ov-agent stopping",
-                                   running=self.agent.counters["running"])
+            self.state.audit.event("stopping", "ov-agent stopping",
+                                   running=self.state.counters["running"])
 
     def _expire(self, now):
         """Refuse a request that did not arrive in time; drop an answer not read in
@@ -191,8 +227,7 @@ class Server:
     # -- one connection ---------------------------------------------------------------
 
     def _active(self):
-        with self._spawned_done:
-            return len(self.connections) + self._spawned
+        return len(self.connections) + self.spawner.running()
 
     def _accept(self):
         """Accept one connection.  False when out of file descriptors."""
@@ -209,14 +244,14 @@ class Server:
         except Exception:       # gone already, or /proc unreadable: nobody to serve
             sock.close()
             return True
-        why = self.agent.admits(peer)
+        why = self.state.admits(peer)
         code = protocol.E_PEER
         if why is None and self._active() >= self.max_clients:
-            self.agent.count("busy")
+            self.state.count("busy")
             code, why = protocol.E_BUSY, (f"agent busy: {self.max_clients} requests "
                                           "already running")
         if why is not None:
-            refuse_and_close(self.agent, sock, peer, ProtocolError(code, why))
+            refuse_and_close(self.state, sock, peer, ProtocolError(code, why))
             return True
         sock.setblocking(False)
         conn = Connection(sock, peer, time.monotonic() + protocol.FRAME_TIMEOUT)
@@ -248,8 +283,8 @@ class Server:
         """Verify the whole request and answer it, or hand a spawn to a thread."""
         fds = conn.reader.take_fds()
         try:
-            req, subkey = self.agent.authenticate(conn.reader.frame(), conn.challenge,
-                                                  conn.peer)
+            req, subkey = authenticate(self.state, conn.reader.frame(), conn.challenge,
+                                       conn.peer)
             if req["op"] == "spawn":
                 self._hand_over(conn, req, fds)
                 fds = []
@@ -257,36 +292,31 @@ class Server:
             if fds:
                 raise ProtocolError(protocol.E_BAD_REQUEST,
                                     f"a {req['op']} request carries no descriptors")
-            self._answer(conn, self.agent.answer(conn.peer, req, subkey, conn.request_id))
+            self._answer(conn, protocol.encode_frame(self.state.status())
+                         if req["op"] == "status" else
+                         release(self.state, conn.peer, req, subkey, conn.request_id))
         except Exception as exc:   # one request must never take the agent down
             self._refuse(conn, exc)
         finally:
             protocol.close_fds(fds)
 
     def _answer(self, conn, data):
-        """Queue the answer; the connection closes once it is written (or too late)."""
-        conn.outgoing += data
-        conn.answered = True
-        conn.deadline = time.monotonic() + protocol.FRAME_TIMEOUT
+        conn.queue(data)
         self._flush(conn)
 
     def _refuse(self, conn, exc):
-        self._answer(conn, protocol.encode_frame(record_refusal(
-            self.agent, conn.peer, exc, request_id=conn.request_id)))
+        self._answer(conn, protocol.encode_frame(self.state.refusal(
+            conn.peer, exc, request_id=conn.request_id)))
 
     def _flush(self, conn):
         try:
-            del conn.outgoing[:conn.sock.send(conn.outgoing)]
-        except (BlockingIOError, InterruptedError):
-            pass
+            written = conn.send()
         except OSError:
+            written = None             # the client went away
+        if written is None or written and conn.answered:
             self._close(conn)
-            return
-        if conn.answered and not conn.outgoing:
-            self._close(conn)
-            return
-        events = (WRITE if conn.outgoing else 0) | (0 if conn.answered else READ)
-        self.selector.modify(conn.sock, events, conn)
+        else:
+            self.selector.modify(conn.sock, conn.events(), conn)
 
     def _close(self, conn):
         self.connections.discard(conn)
@@ -296,71 +326,12 @@ class Server:
     # -- spawned commands -------------------------------------------------------------
 
     def _hand_over(self, conn, req, fds):
-        """The connection leaves the loop for a thread that runs and supervises the
-        command (blocking reads there are the supervisor's own).  A stopping agent
-        starts no command: it would only have to detach from it."""
+        """The connection leaves the loop for the spawner's thread, which runs and
+        supervises the command.  A stopping agent starts no command: it would only
+        have to detach from it."""
         if self._stop_at is not None:
             raise ProtocolError(protocol.E_BUSY, "agent stopping; retry")
         self.connections.discard(conn)
         self.selector.unregister(conn.sock)
         conn.sock.setblocking(True)
-        with self._spawned_done:
-            self._spawned += 1
-        try:
-            threading.Thread(target=self._spawn, args=(conn, req, fds), daemon=True).start()
-        except RuntimeError:
-            self._spawned_ended()
-            protocol.close_fds(fds)
-            refuse_and_close(self.agent, conn.sock, conn.peer, ProtocolError(
-                protocol.E_BUSY, "agent cannot start a thread"), request_id=conn.request_id)
-
-    def _spawn(self, conn, req, fds):
-        try:
-            self.agent.spawn(conn.sock, conn.peer, req, fds, conn.request_id)
-        except Exception as exc:   # refused, or failed: say so, keep serving
-            refuse_and_close(self.agent, conn.sock, conn.peer, exc,
-                             request_id=conn.request_id)
-        finally:
-            protocol.close_fds(fds)
-            conn.close()
-            self._spawned_ended()
-
-    def _spawned_ended(self):
-        with self._spawned_done:
-            self._spawned -= 1
-            self._spawned_done.notify_all()
-
-    def _wait_for_spawned(self):
-        """Let spawned commands finish until --drain is over, then detach the rest."""
-        with self._spawned_done:
-            left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
-            if self._spawned_done.wait_for(lambda: self._spawned == 0, timeout=max(0, left)):
-                return
-        self.agent.detach()
-        with self._spawned_done:
-            self._spawned_done.wait_for(lambda: self._spawned == 0, timeout=DETACH_WAIT)
-
-
-def record_refusal(agent, peer, exc, **fields):
-    """Record an exception that ends a request as denied; return its error frame."""
-    if isinstance(exc, ProtocolError):
-        code, message, status = exc.code, str(exc), exc.exit_status
-    elif isinstance(exc, OvError):
-        code, message, status = protocol.E_INTERNAL, str(exc), None
-    else:
-        code, message, status = (protocol.E_INTERNAL,
-                                 f"internal error ({type(exc).__name__})", None)
-    return agent.refused(peer, code, message, status, **fields)
-
-
-def refuse_and_close(agent, sock, peer, exc, **fields):
-    """Refuse on a socket outside the loop (a new one, or a supervisor's): one small
-    frame, sent with a short timeout, then close it and the peer's pidfd."""
-    try:
-        sock.settimeout(1.0)
-        protocol.send_frame(sock, record_refusal(agent, peer, exc, **fields))
-    except (OSError, ProtocolError):   # gone, or a message too large to send
-        pass
-    finally:
-        sock.close()
-        peer.close()
+        self.spawner.start(conn, req, fds)

@@ -8,7 +8,7 @@ the file and line, never the value.
 
 import re
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 _ASSIGN = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}

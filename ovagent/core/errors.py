@@ -4,6 +4,8 @@ The CLI prints ``ov: <message>`` and exits with ``exit_code``; no traceback ever
 reaches the user for these.  Messages must never contain a secret value or key.
 """
 
+import sys
+
 EXIT_FAILURE = 1        # generic failure (I/O, OS errors)
 EXIT_USAGE = 2          # invalid input: bad flag, slug, name, value, dotenv, key file
 EXIT_NOT_FOUND = 3      # no such vault, app, env or secret
@@ -13,6 +15,24 @@ EXIT_AGENT = 6          # agent unreachable, busy, or protocol failure
 EXIT_CANNOT_EXECUTE = 126
 EXIT_COMMAND_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130
+
+
+def warn(message):
+    """The one way ov speaks to its user on stderr: 'ov: message', one line."""
+    print(f"ov: {message}", file=sys.stderr)
+
+
+def report_errors(function, *args, **kwargs):
+    """Run function; turn OvError into 'ov: message' and its exit code, and ^C into
+    'interrupted' (130): no traceback reaches the user."""
+    try:
+        return function(*args, **kwargs)
+    except OvError as exc:
+        warn(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        warn("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 class OvError(Exception):

@@ -1,0 +1,106 @@
+"""What every request of ``ov agent`` shares: the keys, the audit trail, the counters
+and the replay cache.  The event loop (server.py) reads a request, auth.py verifies
+it, and release.py or spawn.py serve it with this state.
+"""
+
+import os
+import threading
+import time
+
+from .. import __version__
+from ..core import protocol
+from ..core.errors import NotFoundError, OvError, UsageError
+from ..core.procfs import process_cgroups
+from ..core.protocol import ProtocolError
+from .audit import Audit
+from .auth import NonceCache
+
+
+class AgentState:
+    def __init__(self, keys, *, default_app=None, all_users=False, audit=None,
+                 clock=time.time):
+        """keys: a KeyState; all_users: serve every uid (the system agent), else only
+        the agent's own uid and root; clock: the wall clock requests are checked
+        against (tests inject one)."""
+        self.keys = keys
+        self.default_app = default_app or keys.scope or "default"
+        self.all_users = all_users
+        self.audit = audit or Audit()
+        self.clock = clock
+        self.uid = os.geteuid()
+        self.own_cgroup = process_cgroups(os.getpid())[1]
+        self.started = time.monotonic()
+        self.nonces = NonceCache()
+        self.counters = {"released": 0, "accepted": 0, "denied": 0, "running": 0,
+                         "busy": 0}
+        self._lock = threading.Lock()
+
+    def count(self, counter, delta=1):
+        with self._lock:
+            self.counters[counter] += delta
+
+    def admits(self, peer):
+        """None, or why this peer may not use the agent at all (before any byte)."""
+        if self.all_users or peer.uid in (self.uid, 0):
+            return None
+        return f"uid {peer.uid} may not use this agent (it serves uid {self.uid})"
+
+    def refusal(self, peer, exc, **fields):
+        """Record the exception that ends a request as a denial; return the error
+        frame that answers it (an unexpected one as 'internal', by its type only)."""
+        if isinstance(exc, ProtocolError):
+            code, message, status = exc.code, str(exc), exc.exit_status
+        elif isinstance(exc, OvError):
+            code, message, status = protocol.E_INTERNAL, str(exc), None
+        else:
+            code, message, status = (protocol.E_INTERNAL,
+                                     f"internal error ({type(exc).__name__})", None)
+        self.count("denied")
+        self.audit.event("denied", f"request denied: {message}", code=code, reason=message,
+                         **peer.fields(), **fields)
+        return protocol.error_frame(code, message, status)
+
+    def status(self):
+        with self._lock:
+            counters = dict(self.counters)
+        status = {"type": "status", "version": __version__, "pid": os.getpid(),
+                  "uptime": int(time.monotonic() - self.started), "mode": self.keys.mode,
+                  "scope": self.keys.scope or "all apps", "default_app": self.default_app,
+                  "counters": counters}
+        if self.keys.reason:
+            status["reason"] = self.keys.reason
+        return status
+
+    def reveal(self, req):
+        """(app, env, name -> (version, value)) of a release or spawn request."""
+        app, env = req["app"] or self.default_app, req["env"] or "production"
+        try:
+            with self.keys.lock:
+                return app, env, self.keys.vault.reveal_versions(
+                    self.keys.keyring, app, env, req["secrets"])
+        except NotFoundError as exc:
+            raise ProtocolError(protocol.E_NOT_FOUND, str(exc)) from None
+        except UsageError as exc:
+            raise ProtocolError(protocol.E_BAD_REQUEST, str(exc)) from None
+        except OvError as exc:
+            raise ProtocolError(protocol.E_AUTH if exc.exit_code == 4 else
+                                protocol.E_INTERNAL, str(exc)) from None
+
+    def record(self, kind, message, **fields):
+        """An audit record that must be written before anything is released or run."""
+        if not self.audit.event(kind, message, **fields):
+            raise ProtocolError(protocol.E_INTERNAL, "audit log unavailable; refusing "
+                                "to release or run anything unaudited")
+
+
+def refuse_and_close(state, sock, peer, exc, **fields):
+    """Refuse on a blocking socket (a new connection, or a spawned command's): one
+    small frame, sent with a short timeout, then close it and the peer's pidfd."""
+    try:
+        sock.settimeout(1.0)
+        protocol.send_frame(sock, state.refusal(peer, exc, **fields))
+    except (OSError, ProtocolError):   # gone, or a message too large to send
+        pass
+    finally:
+        sock.close()
+        peer.close()
