@@ -14,7 +14,7 @@ from . import __version__
 from .client import config, options
 from .core import keyfile, paths, unlock
 from .core.errors import NotFoundError, OvError, UsageError, report_errors
-from .core.validate import check_name
+from .core.validate import check_name, check_slug
 
 DESCRIPTION = ("ov: a local-first, zero-knowledge secrets vault, and an agent that "
                "releases its secrets to signed requests.  See ov(1).")
@@ -56,17 +56,6 @@ def _new_password(password_stdin):
         raise UsageError(f"the master password needs at least {MIN_PASSWORD_LEN} "
                          "characters")
     return password
-
-
-def _unlock(vault, machine_key=None, password_stdin=False, app=None):
-    return unlock.unlock(vault, machine_key=machine_key, password_stdin=password_stdin,
-                         app=app)
-
-
-def _target(app, env, secrets=None):
-    target = config.resolve(app, env, secrets)
-    target.app = target.app or config.DEFAULT_APP
-    return target
 
 
 def _when(timestamp):
@@ -115,7 +104,7 @@ def derive_machine_key(*, out=None, app=None, force=False, vault=None,
                        machine_key=None, password_stdin=False):
     """Write a machine key (raw 32 bytes, mode 0600) for ov run and ov agent."""
     opened = _open_vault(vault)
-    keyring = _unlock(opened, machine_key, password_stdin, app)
+    keyring = unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin, app=app)
     keyfile.write_key(out, opened.machine_key(keyring, app), force=force)
     scope = f"app {app!r} only" if app else "every app in the vault"
     print(f"Wrote machine key {out} (decrypts {scope}).", file=sys.stderr)
@@ -135,7 +124,7 @@ def derive_machine_key(*, out=None, app=None, force=False, vault=None,
 def app_create(app, *, vault=None, machine_key=None, password_stdin=False):
     """Create an app with its own random key."""
     opened = _open_vault(vault)
-    opened.create_app(_unlock(opened, machine_key, password_stdin), app)
+    opened.create_app(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin), app)
     print(f"Created app {app}")
 
 
@@ -170,7 +159,7 @@ def app_delete(app, *, force=False, vault=None):
 def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
     """Give an app a new key; machine keys scoped to it stop working."""
     opened = _open_vault(vault)
-    generation = opened.rotate_app_key(_unlock(opened, machine_key, password_stdin), app)
+    generation = opened.rotate_app_key(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin), app)
     print(f"Rotated key of app {app} (generation {generation}); old scoped machine "
           "keys for it no longer work")
 
@@ -184,7 +173,7 @@ def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
 @ENV_NAME
 def env_create(env, *, app=None, vault=None):
     """Create an environment in an app."""
-    target = _target(app, None)
+    target = config.resolve(app, None, vault=True)
     _open_vault(vault).create_env(target.app, env)
     print(f"Created env {target.app}/{env}")
 
@@ -194,7 +183,7 @@ def env_create(env, *, app=None, vault=None):
 @VAULT
 def env_list(*, app=None, vault=None):
     """List the environments of an app."""
-    target = _target(app, None)
+    target = config.resolve(app, None, vault=True)
     for name, created in _open_vault(vault).list_envs(target.app):
         print(f"{name}\tcreated={_when(created)}")
 
@@ -205,7 +194,7 @@ def env_list(*, app=None, vault=None):
 @ENV_NAME
 def env_delete(env, *, app=None, vault=None):
     """Delete an environment and all of its secrets."""
-    target = _target(app, None)
+    target = config.resolve(app, None, vault=True)
     _open_vault(vault).delete_env(target.app, env)
     print(f"Deleted env {target.app}/{env}")
 
@@ -225,12 +214,12 @@ def secret_set(name, *, app=None, env=None, vault=None, machine_key=None,
     """Store a new version of a secret; the value is read from stdin (one trailing
     newline removed) or prompted for without echo, never taken from the command line."""
     check_name(name)
-    target = _target(app, env)
+    target = config.resolve(app, env, vault=True)
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key, password_fd=password_fd,
                             app=target.app, instead="--machine-key or --password-fd")
     if sys.stdin.isatty():
-        value = unlock.prompt(f"Value of {name}: ", "stdin")
+        value = unlock.prompt(f"Value of {name}: ", "stdin", what=f"the value of {name}")
     else:
         value = sys.stdin.buffer.read()
         value = value[:-1] if value.endswith(b"\n") else value
@@ -244,7 +233,7 @@ def secret_set(name, *, app=None, env=None, vault=None, machine_key=None,
 @VAULT
 def secret_list(*, app=None, env=None, vault=None):
     """List secret names, versions and times (never values)."""
-    target = _target(app, env)
+    target = config.resolve(app, env, vault=True)
     for record in _open_vault(vault).list_secrets(target.app, target.env):
         print(f"{record.name}\tv{record.version}\tupdated={_when(record.created)}")
 
@@ -256,7 +245,7 @@ def secret_list(*, app=None, env=None, vault=None):
 @SECRET_NAME
 def secret_delete(name, *, app=None, env=None, vault=None):
     """Delete a secret with all its versions."""
-    target = _target(app, env)
+    target = config.resolve(app, env, vault=True)
     _open_vault(vault).delete_secret(target.app, target.env, name)
     print(f"Deleted {name} from {target.app}/{target.env}")
 
@@ -273,28 +262,15 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
                   machine_key=None, password_stdin=False):
     """Import a dotenv file; all of it is stored in one transaction, or nothing."""
     from .client import dotenv
-    from .core.validate import check_value
 
-    target = _target(app, env)
-    try:
-        with open(file, "rb") as handle:
-            text = handle.read().decode("utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {file}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{file} is not UTF-8 text") from None
-    entries = dotenv.parse(text, file)
-    values = {}
-    for line, name, value in entries:
-        try:
-            values[check_name(name)] = check_value(name, value.encode())
-        except UsageError as exc:
-            raise UsageError(f"{file}:{line}: {exc}") from None
+    target = config.resolve(app, env, vault=True)
+    entries = dotenv.load(file)
+    values = {name: value for _, name, value in entries}
     opened = _open_vault(vault)
     if dry_run:
         opened.require_env(target.app, target.env)
     else:
-        opened.set_secrets(_unlock(opened, machine_key, password_stdin, target.app),
+        opened.set_secrets(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin, app=target.app),
                            target.app, target.env, values)
     verb = "would import" if dry_run else "imported"
     for line, name, _ in entries:
@@ -320,7 +296,7 @@ def _declare(arguments):
 @_declare(options.RUN_ARGUMENTS)
 def run(*command, agent=False, spawn=False, socket=None, machine_key=None, app=None,
         env=None, secrets=None, vault=None):
-    from .client.execute import exec_with_secrets, run_with_agent
+    from .client.execute import run_with_agent, run_with_vault
 
     if agent:  # normally served by ovagent.entry without loading this module
         sys.exit(run_with_agent(command, socket=socket, machine_key=machine_key, app=app,
@@ -328,13 +304,8 @@ def run(*command, agent=False, spawn=False, socket=None, machine_key=None, app=N
     for flag, given in (("--socket", socket), ("--spawn", spawn)):
         if given:
             raise UsageError(f"{flag} needs --agent")
-
-    target = _target(app, env, secrets)
-    opened = _open_vault(vault)
-    keyring = unlock.unlock(opened, machine_key=machine_key, app=target.app,
-                            instead="--machine-key")
-    values = opened.reveal(keyring, target.app, target.env, target.secrets)
-    exec_with_secrets(list(command), values)
+    run_with_vault(command, machine_key=machine_key, app=app, env=env, secrets=secrets,
+                   vault=vault)
 
 
 run.__doc__ = options.RUN_DOC
@@ -372,7 +343,7 @@ def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
     from .agent import daemon
 
     if app:
-        config.check_slug("app", app)
+        check_slug("app", app)
     sys.exit(daemon.start(machine_key=machine_key, app=app, socket_path=socket,
                           pid_file=pid_file, foreground=foreground, vault=vault,
                           max_clients=max_clients, grace=grace, drain=drain,

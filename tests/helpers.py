@@ -194,8 +194,24 @@ def wrong_key(path):
 
 def frame_of(body):
     """A frame around raw body bytes (valid header, whatever the body)."""
-    return protocol.MAGIC + bytes((protocol.VERSION, 0)) + len(body).to_bytes(4, "big") \
-        + body
+    return protocol.header(len(body)) + body
+
+
+def split_frames(stream):
+    """The whole frames of a recorded byte stream, each in the FrameReader that read
+    it (a truncated last one is left out)."""
+    readers, offset = [], 0
+    while offset < len(stream):
+        reader = protocol.FrameReader()
+        while True:
+            chunk = stream[offset:offset + reader.want()]
+            offset += len(chunk)
+            if reader.feed(chunk):
+                readers.append(reader)
+                break
+            if not chunk:
+                return readers
+    return readers
 
 
 def signed(key, challenge, op="status", **fields):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import (DEMO_SECRETS, NotifyListener, Session, needs_socket_activate,
-                            probe, protocol, redact, sha256, signed)
+                     probe, protocol, redact, sha256, signed)
 from ovagent.core import paths
 
 

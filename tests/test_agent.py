@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (DEMO_SECRETS, OV, SETPRIV, RecordingProxy, Session, group_gone,
-                            needs_setpriv, pid_gone, pipe_text, probe, protocol, read_line,
-                            redact, sha256, signed, socket_mode, wait_for, wrong_key)
+                     needs_setpriv, pid_gone, pipe_text, probe, protocol, read_line,
+                     redact, sha256, signed, socket_mode, wait_for, wrong_key)
 
 
 GRACE = 1.0   # the fixture's --grace

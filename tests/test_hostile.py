@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (DEMO_SECRETS, OV, Session, frame_of, proc_stat,
-                            protocol, redact, signed, wait_for)
+from helpers import (DEMO_SECRETS, OV, Session, frame_of, proc_stat, protocol, redact,
+                     signed, wait_for)
 from ovagent.agent.auth import NonceCache
 from ovagent.agent.audit import JOURNAL_SOCKET
 from test_protocol import ask, outcome

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ovagent"
 MAY_IMPORT = {"core": {"core"}, "client": {"core", "client"},
               "agent": {"core", "agent"}, "top": {"core", "client", "agent", "top"}}
 MAX_FUNCTION_LINES = 60
-MAX_CLASS_LINES = 250      # issue 13 says "about 200"; Vault and Server are near it
+MAX_CLASS_LINES = 220      # issue 13: "about 200" (the largest: SqliteStore, Server)
 
 
 def module_name(path):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (DEMO_SECRETS, OV, SENTINEL, SETPRIV, RecordingProxy, Session,
-                            frame_of, needs_setpriv, protocol, redact, sha256, signed,
-                            wait_for, wrong_key)
+                     frame_of, needs_setpriv, protocol, redact, sha256, signed,
+                     split_frames, wait_for, wrong_key)
 
 
 def outcome(reply):
@@ -197,7 +197,7 @@ def test_an_oversize_frame_is_refused_before_its_body(agent):
     for length in (2**32 - 1, protocol.MAX_FRAME + 1):
         with Session(agent.socket) as session:
             started = time.monotonic()
-            session.send(frame_of(b"")[:4] + length.to_bytes(4, "big"))  # no body follows
+            session.send(protocol.header(length))  # no body follows
             reply = session.answer(timeout=protocol.FRAME_TIMEOUT / 2)
             assert isinstance(reply, dict) and reply["code"] == "too-large", reply
             assert str(length) in reply["message"]
@@ -431,15 +431,9 @@ def test_no_secret_key_or_mac_crosses_the_socket_or_reaches_the_log(agent, demo,
 
 def _macs(stream):
     """The mac field of every request in a recorded client -> agent byte stream."""
-    macs, offset = [], 0
-    while offset + protocol.HEADER_LEN <= len(stream):
-        length = int.from_bytes(stream[offset + 4:offset + 8], "big")
-        body = stream[offset + protocol.HEADER_LEN:offset + protocol.HEADER_LEN + length]
-        frame = json.loads(body)
-        if frame.get("type") == "request" and frame.get("mac"):
-            macs.append(frame["mac"])
-        offset += protocol.HEADER_LEN + length
-    return macs
+    frames = [reader.frame() for reader in split_frames(stream)]
+    return [frame["mac"] for frame in frames
+            if frame.get("type") == "request" and frame.get("mac")]
 
 
 # -- the sealed reply, from the client's side -----------------------------------------
@@ -447,13 +441,7 @@ def _macs(stream):
 
 def frames_of(stream):
     """The frames of a recorded byte stream, as raw bytes each."""
-    frames, offset = [], 0
-    while offset + protocol.HEADER_LEN <= len(stream):
-        end = offset + protocol.HEADER_LEN + int.from_bytes(stream[offset + 4:offset + 8],
-                                                            "big")
-        frames.append(stream[offset:end])
-        offset = end
-    return frames
+    return [bytes(reader.data) for reader in split_frames(stream)]
 
 
 class FakeAgent:

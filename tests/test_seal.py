@@ -1,4 +1,4 @@
-"""Secrets sealed to the request that asked for them (ovagent/seal.py): the stdlib
+"""Secrets sealed to the request that asked for them (ovagent/core/seal.py): the stdlib
 HKDF against cryptography's, fixed test vectors (hard-coded, and recomputed here from
 the primitives the specification names), round trips, every tampering a sealed reply
 can suffer (refused before any byte of it is used), and the strict decoders of the

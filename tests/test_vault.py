@@ -1,6 +1,6 @@
 """The vault in-process: key hierarchy, scope, rotation, and tamper detection over
 every stored ciphertext byte (Hypothesis), plus the pure helpers it is built on
-(crypto seal/unseal, canonical encoding, validation).
+(crypto encrypt/decrypt, canonical encoding, validation).
 
 One real vault is created per module (Argon2id at the floor costs ~0.15 s); each
 example works on a fresh copy of its bytes.  Password unlocks go through a cached
@@ -526,33 +526,33 @@ def test_create_refuses_an_existing_vault_and_a_weak_kdf(tmp_path, vault_path):
        data=st.data())
 def test_seal_unseal_round_trip_and_any_flip_fails(plaintext, associated, data):
     key = crypto.random_key()
-    blob = crypto.seal(key, plaintext, associated)
+    blob = crypto.encrypt(key, plaintext, associated)
     assert len(blob) == crypto.NONCE_LEN + len(plaintext) + 16
-    assert crypto.unseal(key, blob, associated, "x") == plaintext
+    assert crypto.decrypt(key, blob, associated, "x") == plaintext
     bit = data.draw(st.integers(0, len(blob) * 8 - 1))
     flipped = bytearray(blob)
     flipped[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(IntegrityError):
-        crypto.unseal(key, bytes(flipped), associated, "x")
+        crypto.decrypt(key, bytes(flipped), associated, "x")
     with pytest.raises(IntegrityError):
-        crypto.unseal(key, blob, associated + b"!", "x")
+        crypto.decrypt(key, blob, associated + b"!", "x")
     with pytest.raises(IntegrityError):
-        crypto.unseal(crypto.random_key(), blob, associated, "x")
+        crypto.decrypt(crypto.random_key(), blob, associated, "x")
 
 
 def test_unseal_errors_name_what_never_the_data():
     key = crypto.random_key()
-    blob = crypto.seal(key, SENTINEL.encode(), b"aad")
+    blob = crypto.encrypt(key, SENTINEL.encode(), b"aad")
     for bad in (blob[:27], b"", "text", None, blob[:-1]):
         with pytest.raises(IntegrityError) as caught:
-            crypto.unseal(key, bad, b"aad", "secret X v1")
+            crypto.decrypt(key, bad, b"aad", "secret X v1")
         assert str(caught.value).startswith("secret X v1: ")
         assert SENTINEL not in str(caught.value)
 
 
 def test_seal_uses_a_fresh_nonce():
     key = crypto.random_key()
-    assert crypto.seal(key, b"same", b"") != crypto.seal(key, b"same", b"")
+    assert crypto.encrypt(key, b"same", b"") != crypto.encrypt(key, b"same", b"")
 
 
 def test_derive_kek_depends_on_password_and_salt_and_refuses_weak_params():

@@ -44,7 +44,7 @@ class Unconfigured(Exception):
 def load_keys(machine_key, vault_path, app, systemd, system):
     """Unlock the vault for the agent: (vault, keyring, mode, key bytes).  Under
     systemd with nothing to unlock with, raise Unconfigured (the reason)."""
-    key_path = unlock.key_file(machine_key)
+    key_path = keyfile.find(machine_key)
     if key_path is None and (systemd or not os.isatty(0)):
         if systemd:
             raise Unconfigured(f"the agent has no machine key: {no_key_help(system)}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..core import files, keyfile, paths
 from ..core.errors import OvError, UsageError
+from ..core.keyfile import CREDENTIAL_NAME
 
 MARKER = "# Written by 'ov agent install'"
 GROUP = "ov-agent"
@@ -31,10 +32,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 UNSAFE_RE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
 # What the packaged units say, and what an installation changes in them.
 PACKAGED_OV = "ExecStart=/usr/bin/ov "
-PACKAGED_KEY = {False: "LoadCredential=machine.kek:/etc/ov/machine.kek",
-                True: "LoadCredential=machine.kek:%E/ov/machine.kek"}
+USER_SOCKET = f"%t/{paths.AGENT_DIR}/{paths.SOCKET_NAME}"    # paths.user_socket()
+PACKAGED_KEY = {False: f"LoadCredential={CREDENTIAL_NAME}:{paths.SYSTEM_KEY}",
+                True: f"LoadCredential={CREDENTIAL_NAME}:%E/ov/{CREDENTIAL_NAME}"}
 PACKAGED_SOCKET = {False: f"ListenStream={paths.SYSTEM_SOCKET}",
-                   True: "ListenStream=%t/ov-agent/ov-agent.sock"}
+                   True: f"ListenStream={USER_SOCKET}"}
 PACKAGED_DESCRIPTION = "Description=ov-agent secrets agent"
 
 
@@ -146,7 +148,7 @@ def _units(name, key, listen, user):
         Unit(os.path.join(unit_dir, f"{name}.service"), render(
             f"{where}/ov-agent.service",
             [(PACKAGED_OV, f"ExecStart={_ov_command()} "),
-             (PACKAGED_KEY[user], f"LoadCredential=machine.kek:{_unit_text(key)}"),
+             (PACKAGED_KEY[user], f"LoadCredential={CREDENTIAL_NAME}:{_unit_text(key)}"),
              ("ov-agent.socket", f"{name}.socket"), *named], header))]
     if not user:
         units += [Unit(f"/etc/sysusers.d/{name}.conf",
@@ -171,13 +173,12 @@ def _notes(name, key, listen, user):
     else:
         keyfile.read_key(key)  # refuse a key file with the wrong owner, mode or size
     shown = listen or f"$XDG_RUNTIME_DIR/{name}/{name}.sock"
-    if (listen or f"%t/{name}/{name}.sock") not in (paths.SYSTEM_SOCKET,
-                                                      "%t/ov-agent/ov-agent.sock"):
+    if (listen or f"%t/{name}/{name}.sock") not in (paths.SYSTEM_SOCKET, USER_SOCKET):
         notes.append(f"clients reach this agent with '--socket {shown}' or "
                      f"OV_AGENT_SOCK={shown}.")
     if not user:
         notes.append(f"services that use the agent need SupplementaryGroups={GROUP} and "
-                     f"LoadCredential=machine.kek:{key} (see ov-agent(8)).")
+                     f"LoadCredential={CREDENTIAL_NAME}:{key} (see ov-agent(8)).")
     return notes
 
 

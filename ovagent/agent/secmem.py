@@ -25,7 +25,7 @@ def harden_process():
     held = []
     try:
         # Only the soft limit: a command spawned for a caller gets the caller's back
-        # (peer.core_soft_limit), which a lowered hard limit would forbid.
+        # (core/procfs.core_soft_limit), which a lowered hard limit would forbid.
         resource.setrlimit(resource.RLIMIT_CORE,
                            (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         held.append("no-core")

@@ -104,17 +104,44 @@ class SignalPipe:
         self._writer.close()
 
 
+class Listener:
+    """The listening socket in the selector: polled, resting for a moment after the
+    agent ran out of descriptors (instead of spinning; queued clients wait in the
+    backlog), or withdrawn while the agent stops."""
+
+    def __init__(self, sock, selector):
+        self.sock, self.selector = sock, selector
+        self.polled = False
+        self.resting_until = None          # monotonic time
+
+    def poll(self, on):
+        if on != self.polled:
+            if on:
+                self.selector.register(self.sock, READ, "accept")
+            else:
+                self.selector.unregister(self.sock)
+            self.polled = on
+
+    def rest(self):
+        self.poll(False)
+        self.resting_until = time.monotonic() + ACCEPT_PAUSE
+
+    def wake(self, now, stopping):
+        if self.resting_until is not None and now >= self.resting_until:
+            self.resting_until = None
+            self.poll(not stopping)
+
+
 class Server:
     def __init__(self, listener, state, spawner, *, max_clients=DEFAULT_MAX_CLIENTS,
-                 drain=DEFAULT_DRAIN, notifier=None):
-        self.listener, self.state, self.spawner = listener, state, spawner
+                 drain=DEFAULT_DRAIN):
+        self.state, self.spawner = state, spawner
         self.max_clients, self.drain = max_clients, drain
-        self.notifier = notifier or Notifier()
+        self.notifier = Notifier()
         self.selector = selectors.DefaultSelector()
+        self.listener = Listener(listener, self.selector)
         self.connections = set()
         self._stop_at = None                       # monotonic time of SIGTERM
-        self._paused_until = None                  # listener rests (EMFILE)
-        self._listening = False                    # the listener is in the selector
         self._signals = None                       # while serving: a SignalPipe
 
     # -- the loop ---------------------------------------------------------------------
@@ -122,8 +149,8 @@ class Server:
     def serve(self):
         """Serve until SIGTERM or SIGINT, then drain (a clean stop: exit status 0)."""
         self._signals = SignalPipe()
-        self.listener.setblocking(False)
-        self._listen(True)
+        self.listener.sock.setblocking(False)
+        self.listener.poll(True)
         self.selector.register(self._signals.reader, READ, "signal")
         status = f"serving ({self.state.keys.mode})"
         self.notifier.ready(status)
@@ -147,7 +174,7 @@ class Server:
             if self.notifier.watchdog_interval and now >= next_watchdog:
                 self.notifier.watchdog()
                 next_watchdog = now + self.notifier.watchdog_interval
-            self._resume_accepting(now)
+            self.listener.wake(now, stopping=self._stop_at is not None)
             for key, events in self.selector.select(self._timeout(now)):
                 try:
                     self._on_event(key, events)
@@ -163,21 +190,13 @@ class Server:
             else:
                 self._refuse(conn, exc)
 
-    def _listen(self, on):
-        if on != self._listening:
-            if on:
-                self.selector.register(self.listener, READ, "accept")
-            else:
-                self.selector.unregister(self.listener)
-            self._listening = on
-
     def _timeout(self, now):
         """Until the next deadline, end of a pause or of the drain, or watchdog ping
         (at most 1 s)."""
         moments = [now + min(1.0, self.notifier.watchdog_interval or 1.0)]
         moments += [conn.deadline for conn in self.connections]
-        if self._paused_until is not None:
-            moments.append(self._paused_until)
+        if self.listener.resting_until is not None:
+            moments.append(self.listener.resting_until)
         if self._stop_at is not None:
             moments.append(self._stop_at + self.drain)
         return max(0.0, min(moments) - now)
@@ -186,27 +205,19 @@ class Server:
         if key.data == "signal":
             self._on_signals()
         elif key.data == "accept":
-            if self._listening and not self._accept():
-                # Out of file descriptors: stop polling the listener for a moment
-                # instead of spinning; queued clients wait in the backlog.
-                self._listen(False)
-                self._paused_until = time.monotonic() + ACCEPT_PAUSE
+            if self.listener.polled and not self._accept():
+                self.listener.rest()
         elif key.data in self.connections:
             if events & WRITE:
                 self._flush(key.data)
             if events & READ and key.data in self.connections:
                 self._read(key.data)
 
-    def _resume_accepting(self, now):
-        if self._paused_until is not None and now >= self._paused_until:
-            self._paused_until = None
-            self._listen(self._stop_at is None)
-
     def _on_signals(self):
         if self._stop_at is None and self._signals.received() & {signal.SIGTERM,
                                                                  signal.SIGINT}:
             self._stop_at = time.monotonic()
-            self._listen(False)
+            self.listener.poll(False)
             self.notifier.stopping("stopping: waiting for running requests")
             self.state.audit.event("stopping", "ov-agent stopping",
                                    running=self.state.counters["running"])
@@ -232,7 +243,7 @@ class Server:
     def _accept(self):
         """Accept one connection.  False when out of file descriptors."""
         try:
-            sock, _ = self.listener.accept()
+            sock, _ = self.listener.sock.accept()
         except (BlockingIOError, InterruptedError):
             return True
         except OSError as exc:

@@ -13,6 +13,7 @@ import threading
 import time
 
 from ..core import procfs, protocol
+from ..core.errors import ExecError
 from ..core.protocol import ProtocolError
 from .state import refuse_and_close
 
@@ -137,9 +138,9 @@ class Spawner:
                 umask=req["umask"], start_new_session=True, close_fds=True,
                 preexec_fn=_in_callers_place(cgroup_fd, procfs.core_soft_limit(world)))
         except OSError as exc:
-            status = 127 if isinstance(exc, FileNotFoundError) else 126
-            raise ProtocolError(protocol.E_EXEC, f"{req['argv'][0]}: {exc.strerror}",
-                                exit_status=status) from None
+            failed = ExecError.of(req["argv"][0], exc)
+            raise ProtocolError(protocol.E_EXEC, str(failed),
+                                exit_status=failed.exit_code) from None
         finally:
             environ.clear()
             protocol.close_fds(fds)

@@ -9,9 +9,10 @@ import time
 
 from .. import __version__
 from ..core import protocol
-from ..core.errors import NotFoundError, OvError, UsageError
+from ..core.errors import AuthError, NotFoundError, OvError, UsageError
 from ..core.procfs import process_cgroups
 from ..core.protocol import ProtocolError
+from ..core.validate import DEFAULT_APP, DEFAULT_ENV
 from .audit import Audit
 from .auth import NonceCache
 
@@ -23,7 +24,7 @@ class AgentState:
         the agent's own uid and root; clock: the wall clock requests are checked
         against (tests inject one)."""
         self.keys = keys
-        self.default_app = default_app or keys.scope or "default"
+        self.default_app = default_app or keys.scope or DEFAULT_APP
         self.all_users = all_users
         self.audit = audit or Audit()
         self.clock = clock
@@ -73,7 +74,7 @@ class AgentState:
 
     def reveal(self, req):
         """(app, env, name -> (version, value)) of a release or spawn request."""
-        app, env = req["app"] or self.default_app, req["env"] or "production"
+        app, env = req["app"] or self.default_app, req["env"] or DEFAULT_ENV
         try:
             with self.keys.lock:
                 return app, env, self.keys.vault.reveal_versions(
@@ -83,7 +84,7 @@ class AgentState:
         except UsageError as exc:
             raise ProtocolError(protocol.E_BAD_REQUEST, str(exc)) from None
         except OvError as exc:
-            raise ProtocolError(protocol.E_AUTH if exc.exit_code == 4 else
+            raise ProtocolError(protocol.E_AUTH if isinstance(exc, AuthError) else
                                 protocol.E_INTERNAL, str(exc)) from None
 
     def record(self, kind, message, **fields):

@@ -41,9 +41,8 @@ class Notifier:
     """sd_notify messages; silent when there is no NOTIFY_SOCKET."""
 
     def __init__(self):
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = None
-        if self.enabled:
+        if os.environ.get("NOTIFY_SOCKET"):
             import sdnotify
 
             self._notifier = sdnotify.SystemdNotifier()
@@ -58,9 +57,6 @@ class Notifier:
 
     def ready(self, status):
         self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
-
-    def status(self, status):
-        self.notify(f"STATUS={status}")
 
     def stopping(self, status):
         self.notify("STOPPING=1", f"STATUS={status}")

@@ -1,3 +1,4 @@
-"""The caller's side, in the process of `ov run`: its options, talking to the agent,
-the project configuration, dotenv files, and exec with secrets.  Never imports
-ovagent.agent; on the `ov run --agent` path, nothing heavy (tests/test_entry.py)."""
+"""The `ov` command's side (never the agent's): `ov run`'s options, talking to the
+agent, the project configuration, exec with secrets, and dotenv files for
+`ov secret import`.  Never imports ovagent.agent; on the `ov run --agent` path,
+nothing heavy (tests/test_entry.py)."""

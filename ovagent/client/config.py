@@ -7,11 +7,9 @@ import os
 
 from ..core import paths
 from ..core.errors import UsageError
-from ..core.validate import check_name, check_slug
+from ..core.validate import DEFAULT_APP, DEFAULT_ENV, check_name, check_slug
 
 PROJECT_FILE = ".ov.yaml"
-DEFAULT_APP = "default"
-DEFAULT_ENV = "production"
 _KEYS = {"app", "env", "secrets"}
 
 
@@ -80,8 +78,9 @@ def parse_secret_list(text):
     return [check_name(name) for name in names]
 
 
-def resolve(app=None, env=None, secrets=None):
-    """Combine flags with config files; app stays None when only the default applies."""
+def resolve(app=None, env=None, secrets=None, *, vault=False):
+    """Combine flags with config files.  When nothing chose an app, it stays None for
+    the agent (which applies its --app), or is the default app for the *vault*."""
     layers = [{"app": app, "env": env,
                "secrets": parse_secret_list(secrets) if secrets else None}]
     for path in (project_file(), user_config_file()):
@@ -91,7 +90,8 @@ def resolve(app=None, env=None, secrets=None):
     def pick(key):
         return next((layer[key] for layer in layers if layer.get(key)), None)
 
-    chosen_app, chosen_env = pick("app"), pick("env") or DEFAULT_ENV
+    chosen_app = pick("app") or (DEFAULT_APP if vault else None)
+    chosen_env = pick("env") or DEFAULT_ENV
     if chosen_app:
         check_slug("app", chosen_app)
     check_slug("env", chosen_env)

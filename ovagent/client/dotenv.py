@@ -9,6 +9,7 @@ the file and line, never the value.
 import re
 
 from ..core.errors import UsageError
+from ..core.validate import check_name, check_value
 
 _ASSIGN = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
@@ -19,6 +20,25 @@ class DotenvError(UsageError):
     def __init__(self, source, line, reason):
         super().__init__(f"{source}:{line}: {reason}")
         self.line = line
+
+
+def load(path):
+    """(line number, name, value as bytes) of each entry of the file, in file order,
+    each name and value checked as ``ov secret set`` would."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    entries = []
+    for line, name, value in parse(text, path):
+        try:
+            entries.append((line, check_name(name), check_value(name, value.encode())))
+        except UsageError as exc:
+            raise UsageError(f"{path}:{line}: {exc}") from None
+    return entries
 
 
 def parse(text, source="<input>"):

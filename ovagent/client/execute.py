@@ -1,13 +1,14 @@
 """Replacing ``ov`` with the user's command, secrets added to its environment
-(``ov run``, with or without the agent).  Stdlib C modules only: the agent's client
-execs through here on its hot path."""
+(``ov run``, with or without the agent).  Stdlib C modules only at import: the
+agent's client execs through here on its hot path (the vault is imported only
+without --agent)."""
 
 import os
 
 import _signal
 
 from ..core import paths
-from ..core.errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, ExecError, UsageError
+from ..core.errors import ExecError, UsageError
 from . import config, talk
 
 
@@ -24,6 +25,21 @@ def run_with_agent(command, *, socket=None, machine_key=None, app=None, env=None
     if spawn:
         return talk.spawn(list(command), **where)
     exec_with_secrets(list(command), talk.release(command[0], **where))
+
+
+def run_with_vault(command, *, machine_key=None, app=None, env=None, secrets=None,
+                   vault=None):
+    """``ov run`` without the agent: unlock the vault here, then exec the command
+    with the secrets."""
+    from ..core import unlock          # the vault's cryptography: not on the agent path
+    from ..core.vault import Vault
+
+    target = config.resolve(app, env, secrets, vault=True)
+    opened = Vault.open(vault or paths.vault_path())
+    keyring = unlock.unlock(opened, machine_key=machine_key, app=target.app,
+                            instead="--machine-key")
+    exec_with_secrets(list(command), opened.reveal(keyring, target.app, target.env,
+                                                   target.secrets))
 
 
 def child_environment(base, secrets):
@@ -44,7 +60,5 @@ def exec_with_secrets(argv, secrets):
             _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
     try:
         os.execvpe(argv[0], argv, env)
-    except FileNotFoundError:
-        raise ExecError(f"{argv[0]}: command not found", EXIT_COMMAND_NOT_FOUND) from None
     except OSError as exc:
-        raise ExecError(f"{argv[0]}: {exc.strerror}", EXIT_CANNOT_EXECUTE) from None
+        raise ExecError.of(argv[0], exc) from None

@@ -4,6 +4,10 @@
 checks the two read every command line alike).  Stdlib only, not even the regex
 engine: this is on the client's hot path."""
 
+from ..core import paths
+from ..core.keyfile import CREDENTIAL_NAME
+from ..core.validate import DEFAULT_APP, DEFAULT_ENV
+
 RUN_DOC = """Run CMD with secrets added to its environment.  ov replaces itself with CMD
 (same pid, unit, sandbox and terminal): without --agent it decrypts the secrets
 itself; with --agent the running agent releases them sealed to ov's signed
@@ -11,13 +15,13 @@ request.  With --agent --spawn the agent runs CMD (only where it runs in the
 caller's own world) and ov relays signals and exits with CMD's status (128+N if
 killed by signal N)."""
 
-APP_HELP = "app (default: .ov.yaml, user config, then 'default')"
-ENV_HELP = "environment (default: .ov.yaml, user config, then 'production')"
-VAULT_HELP = ("vault file (default: $OV_VAULT, /var/lib/ov/vault.db for root, "
+APP_HELP = f"app (default: .ov.yaml, user config, then '{DEFAULT_APP}')"
+ENV_HELP = f"environment (default: .ov.yaml, user config, then '{DEFAULT_ENV}')"
+VAULT_HELP = (f"vault file (default: $OV_VAULT, {paths.SYSTEM_VAULT} for root, "
               "else $XDG_DATA_HOME/ov/vault.db)")
 SOCKET_HELP = ("agent socket (default: $OV_AGENT_SOCK, else "
-               "$XDG_RUNTIME_DIR/ov-agent/ov-agent.sock when it exists, else "
-               "/run/ov-agent/ov-agent.sock)")
+               f"$XDG_RUNTIME_DIR/{paths.AGENT_DIR}/{paths.SOCKET_NAME} when it exists, "
+               f"else {paths.SYSTEM_SOCKET})")
 
 RUN_ARGUMENTS = (
     (("command",), {"nargs": "+", "metavar": "CMD",
@@ -32,9 +36,9 @@ RUN_ARGUMENTS = (
     (("--socket",), {"metavar": "PATH", "help": SOCKET_HELP}),
     (("--machine-key",), {"metavar": "PATH",
                           "help": "machine key (default with --agent: "
-                                  "$CREDENTIALS_DIRECTORY/machine.kek, else "
-                                  "/etc/ov/machine.kek for root or "
-                                  "$XDG_CONFIG_HOME/ov/machine.kek)"}),
+                                  f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}, else "
+                                  f"{paths.SYSTEM_KEY} for root or "
+                                  f"$XDG_CONFIG_HOME/ov/{CREDENTIAL_NAME})"}),
     (("--app",), {"metavar": "SLUG", "help": APP_HELP}),
     (("--env",), {"metavar": "SLUG", "help": ENV_HELP}),
     (("--secrets",), {"metavar": "A,B", "help": "only these secrets (default: "

@@ -2,7 +2,7 @@
 
 The client never starts an agent.  It checks who owns the socket and signs its
 request with the machine key it finds.  By default it asks the agent to *release*
-the secrets, sealed to that request (ovagent/seal.py), opens the seal and execs the
+the secrets, sealed to that request (core/seal.py), opens the seal and execs the
 command in place: same pid, unit, sandbox, limits and terminal.  With ``--spawn`` it
 hands over stdin/stdout/stderr instead, the agent runs the command, and the client
 relays signals and exits with the command's status (128+N for death by signal N).
@@ -20,8 +20,9 @@ import _signal
 import _socket
 
 from ..core import keyfile, paths, protocol, seal
-from ..core.errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
-                     EXIT_USAGE, AgentError, AuthError, warn)
+from ..core.errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE,
+                           EXIT_COMMAND_NOT_FOUND, EXIT_NOT_FOUND, EXIT_USAGE, AgentError,
+                           AuthError, warn)
 
 # A socket-activated agent may still be starting, or a restarting one still draining
 # (the system unit drains up to 30 s): wait longer than both before giving up.
@@ -34,11 +35,9 @@ EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
 
 
 def find_key(machine_key=None):
-    """--machine-key, else $CREDENTIALS_DIRECTORY/machine.kek, else the default path;
-    None when there is none (only an interactive agent accepts unsigned requests)."""
-    path = machine_key or keyfile.credential_path()
-    if path is None and os.path.exists(paths.key_path()):
-        path = paths.key_path()
+    """The key to sign with (keyfile.find, with the default path); None when there is
+    none (only an interactive agent accepts unsigned requests)."""
+    path = keyfile.find(machine_key, default=True)
     return keyfile.read_key(path) if path else None
 
 
@@ -95,7 +94,8 @@ def _refused(frame):
     error.exit_code = EXIT_FOR_CODE.get(code, EXIT_AGENT)
     if code == protocol.E_EXEC:
         status = frame.get("exit_status")
-        error.exit_code = status if status in (126, 127) else EXIT_CANNOT_EXECUTE
+        error.exit_code = (status if status in (EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND)
+                           else EXIT_CANNOT_EXECUTE)
     return error
 
 

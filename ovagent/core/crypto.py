@@ -67,12 +67,12 @@ def aad(kind, *fields):
     return canonical.encode(AAD_DOMAIN, kind, *fields)
 
 
-def seal(key, plaintext, associated):
+def encrypt(key, plaintext, associated):
     nonce = os.urandom(NONCE_LEN)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 
-def unseal(key, blob, associated, what):
+def decrypt(key, blob, associated, what):
     """Decrypt or raise IntegrityError naming *what* failed (never the data)."""
     if not isinstance(blob, bytes) or len(blob) < NONCE_LEN + 16:
         raise IntegrityError(f"{what}: ciphertext is truncated")

@@ -67,3 +67,10 @@ class ExecError(OvError):
     def __init__(self, message, exit_code):
         super().__init__(message)
         self.exit_code = exit_code
+
+    @classmethod
+    def of(cls, argv0, exc):
+        """The shell's convention for an exec that failed with OSError *exc*."""
+        if isinstance(exc, FileNotFoundError):
+            return cls(f"{argv0}: command not found", EXIT_COMMAND_NOT_FOUND)
+        return cls(f"{argv0}: {exc.strerror}", EXIT_CANNOT_EXECUTE)

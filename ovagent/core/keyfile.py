@@ -6,6 +6,7 @@ Stdlib only: ``ov run --agent`` reads the key on its hot path.
 import os
 import stat
 
+from . import paths
 from .errors import OvError, UsageError
 
 KEY_LEN = 32
@@ -43,6 +44,15 @@ def read_key(path):
         raise UsageError(f"machine key {path} must be exactly {KEY_LEN} bytes, "
                          f"not {'more' if len(data) > KEY_LEN else len(data)}")
     return data
+
+
+def find(machine_key=None, *, default=False):
+    """The machine key file to use: --machine-key, else the systemd credential
+    machine.kek, else (with *default*) paths.key_path() when it exists; else None."""
+    path = machine_key or credential_path()
+    if path is None and default and os.path.exists(paths.key_path()):
+        path = paths.key_path()
+    return path
 
 
 def credential_path():

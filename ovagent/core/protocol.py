@@ -9,7 +9,7 @@ A session: the agent sends ``hello`` with a fresh 256-bit challenge; the client 
 one ``request`` signed with HMAC-SHA256 under a subkey derived (HKDF) from its machine
 key, over a canonical encoding of the challenge, a 128-bit nonce, a timestamp and every
 field of the request.  ``release`` is answered with the secrets sealed to the request
-(ovagent/seal.py); ``spawn`` carries stdin/stdout/stderr as SCM_RIGHTS, and the agent
+(core/seal.py); ``spawn`` carries stdin/stdout/stderr as SCM_RIGHTS, and the agent
 runs the command and reports its exit.
 
 Stdlib only at import time: this module is on the client's hot path.
@@ -23,7 +23,7 @@ import time
 
 # C modules, not socket.py or json: socket.py's enums and selectors, and the regular
 # expressions json's Python layer compiles at import, cost the client's start
-# (client.py); _json is the codec json.loads and json.dumps run on.
+# (client/talk.py); _json is the codec json.loads and json.dumps run on.
 import _json
 from _socket import CMSG_SPACE, MSG_CMSG_CLOEXEC, SCM_RIGHTS, SOL_SOCKET
 
@@ -41,7 +41,6 @@ FRAME_TIMEOUT = 10.0         # seconds for one whole frame to arrive
 CLOCK_WINDOW = 30            # seconds a request's timestamp may differ from the agent's
 NONCE_BYTES = 16
 CHALLENGE_BYTES = 32
-MAC_BYTES = 32
 MAX_FDS = 3                  # stdin, stdout, stderr
 FD_BYTES = 4                 # a C int in SCM_RIGHTS
 MAX_INT_DIGITS = 20
@@ -79,11 +78,16 @@ class ProtocolError(Exception):
 # -- framing -----------------------------------------------------------------
 
 
+def header(length):
+    """The header of a frame whose body has *length* bytes."""
+    return MAGIC + bytes((VERSION, 0)) + length.to_bytes(4, "big")
+
+
 def encode_frame(obj, max_size=MAX_FRAME):
     body = "".join(_encode_json(obj, 0)).encode("ascii")
     if len(body) > max_size:
         raise ProtocolError(E_TOO_LARGE, f"frame of {len(body)} bytes exceeds {max_size}")
-    return MAGIC + bytes((VERSION, 0)) + len(body).to_bytes(4, "big") + body
+    return header(len(body)) + body
 
 
 def send_frame(sock, obj, fds=()):
@@ -297,7 +301,6 @@ OP_FIELDS = {
     "release": {**TARGET_FIELDS, "argv0": str},
     "spawn": {**TARGET_FIELDS, "argv": list, "environ": dict, "cwd": str, "umask": int},
 }
-OPS = tuple(OP_FIELDS)
 
 
 def is_hex(text, size):

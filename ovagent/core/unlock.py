@@ -11,15 +11,14 @@ from . import keyfile
 from .errors import UsageError
 
 
-def prompt(text, instead):
-    """Read a password with echo off from the controlling terminal.  Without one, the
+def prompt(text, instead, what="the master password"):
+    """Read *what* with echo off from the controlling terminal.  Without one, the
     error names what works instead: *instead*, the options of the command at hand."""
     try:
         with open("/dev/tty", "rb"):
             pass
     except OSError:
-        raise UsageError(f"no terminal to prompt for the master password; use "
-                         f"{instead}") from None
+        raise UsageError(f"no terminal to prompt for {what}; use {instead}") from None
     return getpass.getpass(text).encode()
 
 
@@ -40,11 +39,6 @@ def read_line(what, fd=None):
     return line.rstrip(b"\n").rstrip(b"\r")
 
 
-def key_file(machine_key=None):
-    """--machine-key, else the systemd credential machine.kek; None if neither."""
-    return machine_key or keyfile.credential_path()
-
-
 def unlock(vault, *, machine_key=None, password_stdin=False, password_fd=None, app=None,
            instead="--password-stdin or --machine-key"):
     """A keyring from a machine key file, the systemd credential, or the master
@@ -52,7 +46,7 @@ def unlock(vault, *, machine_key=None, password_stdin=False, password_fd=None, a
     by_password = password_stdin or password_fd is not None
     if machine_key and by_password:
         raise UsageError("use either --machine-key or a master password option, not both")
-    path = machine_key or (None if by_password else keyfile.credential_path())
+    path = None if by_password else keyfile.find(machine_key)
     if path:
         return vault.unlock_key(keyfile.read_key(path), app)
     if by_password:

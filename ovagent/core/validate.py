@@ -14,6 +14,10 @@ NAME_CHARACTERS = NAME_START | frozenset("0123456789")
 MAX_SLUG_LEN = 63
 MAX_NAME_LEN = 255
 MAX_VALUE_BYTES = 64 * 1024
+# The app and env of a command or request that names none (and of an agent without
+# --app): the client's configuration and the agent fall back to the same slugs.
+DEFAULT_APP = "default"
+DEFAULT_ENV = "production"
 
 
 def is_slug(value):

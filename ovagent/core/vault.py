@@ -6,7 +6,8 @@ The KEK is random and only wrapped by the password key, so changing the password
 re-wraps one blob and every machine key keeps working.  An unscoped machine key *is*
 the KEK; a scoped one *is* an app key, so it cannot decrypt another app's DEKs: scope is
 enforced by cryptography, not by a policy check.  Rotating an app key re-wraps that
-app's DEKs and revokes every scoped machine key issued for it.
+app's DEKs and revokes every scoped machine key issued for it.  What wraps what, bound
+to what, is core/keys.py; this module keeps records and transactions around it.
 """
 
 import json
@@ -15,7 +16,8 @@ import time
 
 from . import crypto
 from .errors import AuthError, IntegrityError, NotFoundError, UsageError
-from .store import AppRecord, SecretRecord, SqliteStore
+from .keys import KeyHierarchy
+from .store import SecretRecord, SqliteStore
 from .validate import check_name, check_slug, check_value, is_dangerous_name
 
 class Keyring:
@@ -47,8 +49,8 @@ class Keyring:
         if cached is None or cached[0] != wrapped:
             # Memoised for the agent, which unwraps per request: it holds the KEK
             # anyway, and a rotated key changes the record, so it is unwrapped anew.
-            cached = self._app_keys[app] = (wrapped, self._vault.unwrap_app_key(self.kek,
-                                                                               record))
+            cached = self._app_keys[app] = (wrapped, self._vault.keys.unwrap_app_key(
+                self.kek, record))
         return cached[1]
 
 
@@ -71,6 +73,7 @@ class Vault:
             raise IntegrityError(f"vault {store.path} has a malformed salt or vault id: "
                                  "the vault file was tampered with")
         self.kdf.validate()
+        self.keys = KeyHierarchy(self.vault_id)
 
     @classmethod
     def open(cls, path):
@@ -81,13 +84,13 @@ class Vault:
         """Create a new vault file; return (vault, keyring)."""
         kdf.validate()
         vault_id, salt, kek = os.urandom(16), os.urandom(crypto.SALT_LEN), crypto.random_key()
-        pwk = crypto.derive_kek(password, salt, kdf)
+        keys = KeyHierarchy(vault_id)
         store = SqliteStore.create(path, {
             "vault_id": vault_id,
             "salt": salt,
             "kdf": json.dumps(kdf.__dict__),
-            "wrapped_kek": crypto.seal(pwk, kek, crypto.aad("kek", vault_id)),
-            "kek_check": crypto.seal(kek, b"", crypto.aad("kek-check", vault_id)),
+            "wrapped_kek": keys.wrap_kek(crypto.derive_kek(password, salt, kdf), kek),
+            "kek_check": keys.kek_check(kek),
         })
         vault = cls(store)
         return vault, Keyring(vault, kek=kek)
@@ -96,42 +99,26 @@ class Vault:
 
     def unlock(self, password):
         pwk = crypto.derive_kek(password, self.salt, self.kdf)
-        try:
-            kek = crypto.unseal(pwk, self.wrapped_kek, crypto.aad("kek", self.vault_id),
-                                "master key")
-        except IntegrityError:
-            raise AuthError("wrong master password") from None
-        return Keyring(self, kek=kek)
+        return Keyring(self, kek=self.keys.unwrap_kek(pwk, self.wrapped_kek))
 
     def unlock_key(self, key, app=None):
         """Identify a machine key: the KEK, or the key of *app* (or of any app)."""
-        if self._opens(key, self.kek_check, crypto.aad("kek-check", self.vault_id)):
+        if self.keys.is_kek(key, self.kek_check):
             return Keyring(self, kek=key)
         candidates = [self.get_app(app)] if app else self.store.list_apps()
         for record in candidates:
-            if self._opens(key, record.key_check, self._app_check_aad(record)):
+            if self.keys.is_app_key(key, record):
                 return Keyring(self, scope=record.name, scoped_key=key)
         raise AuthError(
             "machine key does not unlock this vault" + (f" for app {app!r}" if app else "")
             + " (another vault's key, or revoked by 'ov app rotate-key')")
-
-    @staticmethod
-    def _opens(key, blob, associated):
-        try:
-            crypto.unseal(key, blob, associated, "key check")
-            return True
-        except IntegrityError:
-            return False
 
     def change_password(self, keyring, new_password):
         kek = keyring.require_kek("changing the password")
         salt = os.urandom(crypto.SALT_LEN)
         pwk = crypto.derive_kek(new_password, salt, self.kdf)
         with self.store.transaction():
-            self.store.put_meta({
-                "salt": salt,
-                "wrapped_kek": crypto.seal(pwk, kek, crypto.aad("kek", self.vault_id)),
-            })
+            self.store.put_meta({"salt": salt, "wrapped_kek": self.keys.wrap_kek(pwk, kek)})
 
     def machine_key(self, keyring, app=None):
         """The raw bytes of a machine key: the KEK, or one app's key."""
@@ -141,32 +128,11 @@ class Vault:
 
     # -- apps ----------------------------------------------------------------
 
-    def _app_check_aad(self, record):
-        return crypto.aad("app-check", self.vault_id, record.name, record.generation)
-
-    def _app_key_aad(self, record):
-        return crypto.aad("app-key", self.vault_id, record.name, record.generation)
-
     def get_app(self, app):
         record = self.store.get_app(check_slug("app", app))
         if record is None:
             raise NotFoundError(f"no app {app!r}; create it with 'ov app create {app}'")
         return record
-
-    def unwrap_app_key(self, kek, record):
-        key = crypto.unseal(kek, record.wrapped_key, self._app_key_aad(record),
-                            f"key of app {record.name!r}")
-        if not self._opens(key, record.key_check, self._app_check_aad(record)):
-            raise IntegrityError(f"key check of app {record.name!r} failed: the vault "
-                                 "was tampered with")
-        return key
-
-    def _seal_app(self, kek, name, generation, created):
-        key = crypto.random_key()
-        record = AppRecord(name, b"", b"", generation, created)
-        record.wrapped_key = crypto.seal(kek, key, self._app_key_aad(record))
-        record.key_check = crypto.seal(key, b"", self._app_check_aad(record))
-        return record, key
 
     def create_app(self, keyring, app):
         kek = keyring.require_kek("creating an app")
@@ -174,7 +140,7 @@ class Vault:
         with self.store.transaction():
             if self.store.get_app(app) is not None:
                 raise UsageError(f"app {app!r} already exists")
-            record, _ = self._seal_app(kek, app, 1, time.time())
+            record, _ = self.keys.new_app(kek, app, 1, time.time())
             self.store.put_app(record)
 
     def rotate_app_key(self, keyring, app):
@@ -182,13 +148,11 @@ class Vault:
         kek = keyring.require_kek("rotating an app key")
         with self.store.transaction():
             old = self.get_app(app)
-            old_key = self.unwrap_app_key(kek, old)
-            record, new_key = self._seal_app(kek, app, old.generation + 1, old.created)
+            old_key = self.keys.unwrap_app_key(kek, old)
+            record, new_key = self.keys.new_app(kek, app, old.generation + 1, old.created)
             for secret in self.store.app_secret_versions(app):
-                dek = crypto.unseal(old_key, secret.wrapped_dek, self._dek_aad(secret),
-                                    f"key of secret {secret.name}")
-                self.store.rewrap_secret(
-                    secret, crypto.seal(new_key, dek, self._dek_aad(secret)))
+                self.store.rewrap_secret(secret,
+                                         self.keys.rewrap_dek(old_key, new_key, secret))
             self.store.put_app(record)
         return record.generation
 
@@ -228,12 +192,6 @@ class Vault:
 
     # -- secrets -------------------------------------------------------------
 
-    def _dek_aad(self, s):
-        return crypto.aad("dek", self.vault_id, s.app, s.env, s.name, s.version)
-
-    def _value_aad(self, s):
-        return crypto.aad("value", self.vault_id, s.app, s.env, s.name, s.version)
-
     def set_secrets(self, keyring, app, env, values):
         """Store a new version of each name -> value, all in one transaction."""
         for name, value in values.items():
@@ -247,9 +205,7 @@ class Vault:
                 record = SecretRecord(app, env, name,
                                       self.store.next_version(app, env, name),
                                       b"", b"", now)
-                dek = crypto.random_key()
-                record.wrapped_dek = crypto.seal(app_key, dek, self._dek_aad(record))
-                record.ciphertext = crypto.seal(dek, value, self._value_aad(record))
+                self.keys.seal_secret(app_key, record, value)
                 self.store.put_secret(record)
                 versions[name] = record.version
         return versions
@@ -285,10 +241,5 @@ class Vault:
                 raise UsageError(
                     f"{app}/{env} holds {', '.join(risky)}, which would change how "
                     "programs load code; inject it only by naming it in --secrets")
-        revealed = {}
-        for record in records:
-            what = f"secret {record.name} v{record.version}"
-            dek = crypto.unseal(app_key, record.wrapped_dek, self._dek_aad(record), what)
-            revealed[record.name] = (record.version, crypto.unseal(
-                dek, record.ciphertext, self._value_aad(record), what))
-        return revealed
+        return {record.name: (record.version, self.keys.open_secret(app_key, record))
+                for record in records}
