@@ -113,6 +113,22 @@ def derive_machine_key(*, out=None, app=None, force=False, vault=None,
           "'ov app rotate-key'.", file=sys.stderr)
 
 
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def upgrade(*, vault=None, machine_key=None, password_stdin=False):
+    """Upgrade a vault of format 1 to format 2, which keeps each environment's head
+    (its list of current versions), once: what is stored now is taken as current."""
+    from .core.vault import Vault
+
+    opened = Vault.open(vault or paths.vault_path(), upgrading=True)
+    if not opened.current and opened.upgrade(unlock.unlock(
+            opened, machine_key=machine_key, password_stdin=password_stdin)):
+        print(f"Upgraded vault {opened.store.path} to format {opened.format}")
+    else:
+        print(f"Vault {opened.store.path} is of format {opened.format} already")
+
+
 # -- ov app ----------------------------------------------------------------
 
 
@@ -173,7 +189,7 @@ def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
 @ENV_NAME
 def env_create(env, *, app=None, vault=None):
     """Create an environment in an app."""
-    target = config.resolve(app, None, vault=True)
+    target = config.resolve(app, vault=True, takes=("app",))
     _open_vault(vault).create_env(target.app, env)
     print(f"Created env {target.app}/{env}")
 
@@ -183,7 +199,7 @@ def env_create(env, *, app=None, vault=None):
 @VAULT
 def env_list(*, app=None, vault=None):
     """List the environments of an app."""
-    target = config.resolve(app, None, vault=True)
+    target = config.resolve(app, vault=True, takes=("app",))
     for name, created in _open_vault(vault).list_envs(target.app):
         print(f"{name}\tcreated={_when(created)}")
 
@@ -194,7 +210,7 @@ def env_list(*, app=None, vault=None):
 @ENV_NAME
 def env_delete(env, *, app=None, vault=None):
     """Delete an environment and all of its secrets."""
-    target = config.resolve(app, None, vault=True)
+    target = config.resolve(app, vault=True, takes=("app",))
     _open_vault(vault).delete_env(target.app, env)
     print(f"Deleted env {target.app}/{env}")
 
@@ -242,11 +258,19 @@ def secret_list(*, app=None, env=None, vault=None):
 @APP
 @ENV
 @VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
 @SECRET_NAME
-def secret_delete(name, *, app=None, env=None, vault=None):
-    """Delete a secret with all its versions."""
+def secret_delete(name, *, app=None, env=None, vault=None, machine_key=None,
+                  password_stdin=False):
+    """Delete a secret with all its versions (unlocking: the environment's head,
+    its list of current versions, is rewritten under the app's key)."""
+    check_name(name)
     target = config.resolve(app, env, vault=True)
-    _open_vault(vault).delete_secret(target.app, target.env, name)
+    opened = _open_vault(vault)
+    keyring = unlock.unlock(opened, machine_key=machine_key,
+                            password_stdin=password_stdin, app=target.app)
+    opened.delete_secret(keyring, target.app, target.env, name)
     print(f"Deleted {name} from {target.app}/{target.env}")
 
 
@@ -262,6 +286,7 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
                   machine_key=None, password_stdin=False):
     """Import a dotenv file; all of it is stored in one transaction, or nothing."""
     from .client import dotenv
+    from .core.errors import warn
 
     target = config.resolve(app, env, vault=True)
     entries = dotenv.load(file)
@@ -272,6 +297,10 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
     else:
         opened.set_secrets(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin, app=target.app),
                            target.app, target.env, values)
+    for line, name, value in entries:  # never the value itself
+        if b"${" in value:
+            warn(f"{file}:{line}: {name} contains '${{': ov stores it literally, "
+                 "other dotenv tools would expand it")
     verb = "would import" if dry_run else "imported"
     for line, name, _ in entries:
         print(f"{verb} {name} (line {line})")
@@ -419,7 +448,7 @@ def agent_install(*, machine_key=None, socket=None, unit_name=None, user=False,
 
 GROUPS = [
     ("auth", "master password, vault and machine keys",
-     [init, change_password, derive_machine_key]),
+     [init, change_password, derive_machine_key, upgrade]),
     ("app", "apps (each with its own key)", [app_create, app_list, app_delete, rotate_key]),
     ("env", "environments of an app", [env_create, env_list, env_delete]),
     ("secret", "secrets of an environment",

@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import leaks
-from ovagent.core import protocol
+from ovagent.core import crypto, protocol
 
 
 OV = str(Path(sys.executable).with_name("ov"))
@@ -139,6 +140,41 @@ def proc_stat(pid):
         return None
 
 
+def descriptor_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def memory_mappings(pid):
+    """(start, end, permissions, path, VmFlags) of each mapping of process *pid*."""
+    mappings = []
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                start, end = (int(part, 16) for part in head[0].split("-"))
+                mappings.append([start, end, head[1], " ".join(head[5:]), []])
+            elif line.startswith("VmFlags:"):
+                mappings[-1][4] = line.split()[1:]
+    return mappings
+
+
+def memory_copies(pid, needle):
+    """The VmFlags of the mapping of each copy of *needle* in process *pid*'s memory
+    (root reads /proc/PID/mem even of a non-dumpable process)."""
+    found = []
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for start, end, permissions, path, flags in memory_mappings(pid):
+            if "r" not in permissions or path in ("[vvar]", "[vsyscall]"):
+                continue
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except OSError:
+                continue
+            found += [flags] * data.count(needle)
+    return found
+
+
 def pid_gone(pid, zombie_ok=False):
     """True once pid no longer exists.  A zombie counts as present unless zombie_ok
     (an agent must reap its commands; a detached agent is reaped by init)."""
@@ -246,8 +282,8 @@ class Session:
 
     def __init__(self, path, timeout=5.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))   # blocking: waits for room in a full queue
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
         self.hello = answer(self.sock, timeout)
         assert isinstance(self.hello, dict) and self.hello["type"] == "hello", self.hello
         self.challenge = self.hello["challenge"]
@@ -624,3 +660,40 @@ class RecordingProxy:
 def socket_mode(path):
     st = os.lstat(path)
     return stat.S_ISSOCK(st.st_mode), stat.S_IMODE(st.st_mode)
+
+
+# -- a vault file edited by hand (an attacker who can write it) -----------------------
+
+
+def write_sql(path, *statements):
+    """Run SQL statements on a vault file directly, as someone who can write it."""
+    db = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            db.execute(statement)
+        db.commit()
+    finally:
+        db.close()
+    return path
+
+
+def as_format_1(path, kek):
+    """Make a vault what ov wrote before heads (format 1): no heads table, format 1
+    in its metadata, and each app's key check under format 1's associated data."""
+    db = sqlite3.connect(path)
+    try:
+        (vault_id,) = db.execute(
+            "SELECT value FROM meta WHERE key = 'vault_id'").fetchone()
+        for name, wrapped, generation in db.execute(
+                "SELECT name, wrapped_key, generation FROM apps").fetchall():
+            key = crypto.decrypt(kek, wrapped, crypto.aad("app-key", vault_id, name,
+                                                          generation), "app key")
+            check = crypto.encrypt(key, b"", crypto.aad("app-check", vault_id, name,
+                                                        generation))
+            db.execute("UPDATE apps SET key_check = ? WHERE name = ?", (check, name))
+        db.execute("DROP TABLE heads")
+        db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+        db.commit()
+    finally:
+        db.close()
+    return path

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from helpers import (DEMO_SECRETS, NotifyListener, Session, needs_socket_activate,
-                     probe, protocol, redact, sha256, signed)
+from helpers import (DEMO_SECRETS, NotifyListener, Session, as_format_1,
+                     needs_socket_activate, probe, protocol, redact, sha256, signed)
 from ovagent.core import paths
 
 
@@ -110,6 +110,18 @@ def test_an_unconfigured_agent_still_answers_status(agents):
     assert f"(pid {agent.pid}) up " in result.out
     assert "mode: unconfigured" in result.out
     assert "unconfigured: the agent has no machine key: create a machine key" in result.out
+
+
+def test_a_vault_of_format_1_leaves_the_agent_unconfigured_saying_how_to_upgrade(
+        agents, demo):
+    """Under systemd a vault of the format before heads neither serves nor makes the
+    agent exit (a restart loop): it answers 'unconfigured' with the command to run."""
+    as_format_1(demo.path, demo.key.read_bytes())
+    agent = agents.activated()
+    result = agent.run("true")
+    assert result.returncode == 6, redact(result.err)
+    assert "[unconfigured]" in result.err and "ov auth upgrade" in result.err
+    assert agent.proc.poll() is None
 
 
 def test_the_system_agent_names_the_system_key_whatever_its_user(agents):

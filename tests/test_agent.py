@@ -6,16 +6,13 @@ caller that lives in the agent's own world)."""
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -463,20 +460,6 @@ def outside_the_agents_world(kind):
             "no-new-privs": [SETPRIV, "--no-new-privs"],
             "mount-namespace": ["unshare", "--mount"],
             "resource-limit": ["prlimit", "--nofile=64:64"]}[kind]
-
-
-@pytest.fixture
-def shared_place(agents, demo):
-    """An agent, socket and key in a directory other uids can reach (pytest's tmp_path
-    is 0700), with the key readable by uid 65534 (a copy it owns)."""
-    base = Path(tempfile.mkdtemp(prefix="ov-caller-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    key = base / "caller.kek"
-    key.write_bytes(demo.key.read_bytes())
-    key.chmod(0o600)
-    yield base, key
-    agents.cleanup()                     # stop the agent before removing its home
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def run_as(prefix, agent, key, *command, options=(), cwd, env):

@@ -7,28 +7,21 @@ import base64
 import os
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from helpers import DEMO_SECRETS
 from ovagent.agent import audit as audit_module
-from ovagent.agent.audit import Audit, journal_sender
+from ovagent.agent.audit import Audit, Denials, escaped, journal_sender
 from ovagent.agent.auth import UNSIGNED_RELEASE, KeyState, authenticate
 from ovagent.agent.release import release
+from ovagent.agent.server import giving_way
 from ovagent.agent.state import AgentState
 from ovagent.core import keyfile, protocol, seal
 from ovagent.core.vault import Vault
 
 CHALLENGE = "c" * 2 * protocol.CHALLENGE_BYTES
 NOW = 1_800_000_000
-
-
-class Key:
-    """What KeyState takes of secmem.LockedKey."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def get(self):
-        return self.raw
 
 
 class Peer:
@@ -55,7 +48,7 @@ class Journal:
 def state_with(raw_key=b"k" * 32, mode="machine-key", vault=object(), keyring=None,
                clock=lambda: NOW, journal=None):
     keys = KeyState(vault, keyring, mode, None if vault else "no vault yet",
-                    Key(raw_key) if raw_key else None)
+                    protocol.mac_key(raw_key) if raw_key else None)
     return AgentState(keys, default_app="demo", audit=Audit(journal or Journal()),
                       clock=clock)
 
@@ -190,3 +183,102 @@ def test_the_journal_sender_fails_when_journald_is_not_there(tmp_path, monkeypat
     monkeypatch.setattr(audit_module, "JOURNAL_SOCKET", str(tmp_path / "none"))
     with pytest.raises(OSError):
         journal_sender()(MESSAGE="x", MESSAGE_ID="0" * 32)
+
+
+# -- audit text and the flood of denials -------------------------------------------------
+
+
+@given(st.text(), st.text())
+@example("\\n", "\n")
+@example("\\x1b", "\x1b")
+@example("\\\\", "\\")
+def test_escaped_text_is_one_line_and_never_two_texts_alike(text, other):
+    out = escaped(text)
+    assert not any(ord(char) < 0x20 or 0x7f <= ord(char) < 0xa0 or char in "\u2028\u2029"
+                   for char in out)
+    assert (out == escaped(other)) == (text == other)
+
+
+def test_every_field_of_a_record_is_escaped():
+    journal = Journal()
+    Audit(journal).event("released", "released to\nforged", command="a\nb\x1bc")
+    record = journal.records[0]
+    assert record["MESSAGE"] == "released to\\nforged"
+    assert record["COMMAND"] == "a\\nb\\x1bc"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def denials_of(uid=7, interval=5.0):
+    journal, clock = Journal(), Clock()
+    return Denials(Audit(journal), interval=interval, clock=clock), journal, clock
+
+
+def peer_fields(uid=7):
+    return {"peer_pid": 42, "peer_uid": uid, "peer_gid": 7, "peer_unit": "none"}
+
+
+def test_repeated_denials_make_one_record_and_a_count():
+    denials, journal, clock = denials_of()
+    for _ in range(1000):
+        denials.record("request denied: x", "bad-frame", "x", peer_fields())
+    assert len(journal.records) == 1 and "REPEATED" not in journal.records[0]
+    denials.flush()                              # the interval is not over yet
+    assert len(journal.records) == 1
+    clock.now += 5.0
+    denials.flush()
+    assert len(journal.records) == 2 and journal.records[1]["REPEATED"] == "999"
+    assert journal.records[1]["PEER_UID"] == "7"
+
+
+def test_another_uid_or_reason_is_recorded_at_once():
+    denials, journal, _ = denials_of()
+    denials.record("m", "bad-frame", "x", peer_fields(uid=7))
+    denials.record("m", "bad-frame", "x", peer_fields(uid=8))
+    denials.record("m", "auth-failed", "y", peer_fields(uid=7))
+    assert [(r["PEER_UID"], r["CODE"]) for r in journal.records] == [
+        ("7", "bad-frame"), ("8", "bad-frame"), ("7", "auth-failed")]
+
+
+def test_a_denial_after_the_interval_sums_up_the_last_one_first():
+    denials, journal, clock = denials_of()
+    for _ in range(3):
+        denials.record("m", "busy", "full", peer_fields())
+    clock.now += 6.0
+    denials.record("m", "busy", "full", peer_fields())
+    assert [r.get("REPEATED") for r in journal.records] == [None, "2", None]
+    denials.flush(everything=True)              # the agent stops: nothing pending
+    assert len(journal.records) == 3
+
+
+# -- fair shares -------------------------------------------------------------------------
+
+
+class Conn:
+    def __init__(self, uid, deadline, answered=False):
+        self.peer = Peer(uid=uid)
+        self.deadline, self.answered = deadline, answered
+
+
+def test_the_uid_holding_most_gives_way_with_its_oldest_request():
+    hog = [Conn(9, deadline) for deadline in (5, 3, 4)]
+    other = [Conn(8, 1)]
+    assert giving_way(hog + other, uid=7) is hog[1]
+
+
+def test_nobody_gives_way_to_a_uid_holding_as_many():
+    connections = [Conn(9, 1), Conn(9, 2), Conn(7, 3)]
+    assert giving_way(connections, uid=7) is None       # 2 is not 1 + 2
+    assert giving_way(connections, uid=9) is None       # the hog itself
+    assert giving_way([], uid=7) is None
+
+
+def test_answered_connections_do_not_count():
+    connections = [Conn(9, 1, answered=True), Conn(9, 2, answered=True), Conn(8, 3)]
+    assert giving_way(connections, uid=7) is None

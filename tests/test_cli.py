@@ -8,10 +8,14 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from helpers import DEMO_SECRETS, PASSWORD, SENTINEL, Ov, ov_env
+from helpers import (DEMO_SECRETS, OV, PASSWORD, SENTINEL, SETPRIV, Ov, as_format_1,
+                     needs_setpriv, ov_env, write_sql)
 
 NEW_PASSWORD = "a brand new passphrase"
 
@@ -452,7 +456,7 @@ def test_secret_list_errors(demo, expect_error):
 def test_secret_delete_removes_every_version(demo, expect_error, env_digests):
     key = keyed(demo.key)
     demo.ov("secret", "set", "DB_URL", "--app", "demo", *key, input="v2", check=0)
-    assert demo.ov("secret", "delete", "DB_URL", "--app", "demo",
+    assert demo.ov("secret", "delete", "DB_URL", "--app", "demo", *key,
                    check=0).out == "Deleted DB_URL from demo/production\n"
     assert "DB_URL" not in names(demo.ov("secret", "list", "--app", "demo", check=0).out)
     assert "DB_URL" not in env_digests(demo.ov, *key, "--app", "demo")
@@ -460,7 +464,7 @@ def test_secret_delete_removes_every_version(demo, expect_error, env_digests):
     count = db.execute("SELECT COUNT(*) FROM secrets WHERE name = 'DB_URL'").fetchone()
     assert count == (0,)
     db.close()
-    expect_error(demo.ov("secret", "delete", "DB_URL", "--app", "demo"), 3,
+    expect_error(demo.ov("secret", "delete", "DB_URL", "--app", "demo", *key), 3,
                  "no secret DB_URL")
     result = demo.ov("secret", "set", "DB_URL", "--app", "demo", *key, input="v", check=0)
     assert "(version 1)" in result.out
@@ -529,7 +533,8 @@ MALFORMED = {
     "not an assignment": ("OK=1\nthis is not dotenv\n", 2, "expected NAME=VALUE"),
     "bad name": ("OK=1\n1BAD=x\n", 2, "expected NAME=VALUE"),
     "unterminated": (f'OK=1\nA="{SENTINEL}\nB=2\n', 2, "unterminated double quote"),
-    "stray quote": (f"OK=1\n\nA=ab'{SENTINEL}\n", 3, "stray quote"),
+    "control character": (f"OK=1\n\nA=ab\x1b{SENTINEL}\n", 3, "control character"),
+    "lone CR line": (f"OK=1\rA={SENTINEL}\rnot dotenv\n", 3, "expected NAME=VALUE"),
     "bad escape": (f'OK=1\nA="\\q{SENTINEL}"\n', 2, "invalid escape"),
     "trailing text": (f"OK=1\nA='{SENTINEL}' more\n", 2, "unexpected text"),
     "nul": (f"OK=1\nA={SENTINEL}\0\n", 2, "NUL byte"),
@@ -558,12 +563,61 @@ def test_dry_run_refuses_what_import_refuses(demo, tmp_path, expect_error, case)
                  f"{path}:{line}: ", fragment)
 
 
+def test_import_reads_what_other_dotenv_tools_read(demo, tmp_path, env_digests, digest):
+    """Issue 14: a byte-order mark, a comment right after '=', a comment after a tab,
+    and lone carriage returns as line breaks."""
+    path = tmp_path / "windows.env"
+    path.write_bytes(b"\xef\xbb\xbfKEY= # comment\r\nRETRIES=3\t# seconds\r\n"
+                     b"a=b\rc=d\rQUOTED='" + SENTINEL.encode() + b"\rline 2'\r")
+    result = demo.ov("secret", "import", str(path), "--app", "demo", *keyed(demo.key),
+                     check=0)
+    assert result.out.splitlines() == [
+        "imported KEY (line 1)", "imported RETRIES (line 2)", "imported a (line 3)",
+        "imported c (line 4)", "imported QUOTED (line 5)",
+        "Imported 5/5 secret(s) into demo/production"]
+    assert result.err == ""
+    seen = env_digests(demo.ov, *keyed(demo.key), "--app", "demo")
+    expected = {"KEY": "", "RETRIES": "3", "a": "b", "c": "d",
+                "QUOTED": SENTINEL + "\nline 2"}
+    assert {name: seen.get(name) for name in expected} == {
+        name: digest(value) for name, value in expected.items()}
+
+
+def test_import_warns_about_values_other_tools_would_expand(demo, tmp_path, vault_dump,
+                                                            env_digests, digest):
+    path = tmp_path / "expand.env"
+    path.write_text(f"PLAIN=${SENTINEL}\nURL=postgres://${{DB_USER}}:{SENTINEL}@db\n"
+                    f'QUOTED="${{HOME}}/{SENTINEL}"\nSINGLE=\'{SENTINEL}${{X}}\'\n'
+                    f'ESCAPED="\\${{Y}}"\n')
+    warnings = [f"ov: {path}:{line}: {name} contains '${{': ov stores it literally, "
+                "other dotenv tools would expand it"
+                for line, name in [(2, "URL"), (3, "QUOTED"), (4, "SINGLE"), (5, "ESCAPED")]]
+    before = vault_dump(demo.path)
+    result = demo.ov("secret", "import", str(path), "--dry-run", "--app", "demo", check=0)
+    assert result.err.splitlines() == warnings
+    assert result.out.splitlines()[-1] == "Would import 5/5 secret(s) into demo/production"
+    assert SENTINEL not in result.out + result.err
+    assert vault_dump(demo.path) == before
+    result = demo.ov("secret", "import", str(path), "--app", "demo", *keyed(demo.key),
+                     check=0)
+    assert result.err.splitlines() == warnings
+    seen = env_digests(demo.ov, *keyed(demo.key), "--app", "demo")
+    expected = {"PLAIN": "$" + SENTINEL, "URL": f"postgres://${{DB_USER}}:{SENTINEL}@db",
+                "QUOTED": f"${{HOME}}/{SENTINEL}", "SINGLE": SENTINEL + "${X}",
+                "ESCAPED": "${Y}"}
+    assert {name: seen.get(name) for name in expected} == {
+        name: digest(value) for name, value in expected.items()}
+
+
 def test_import_unreadable_files(demo, tmp_path, vault_dump, expect_error):
     before = vault_dump(demo.path)
     binary = tmp_path / "latin1.env"
     binary.write_bytes(b"A=caf\xe9\n")
     expect_error(demo.ov("secret", "import", str(binary), "--app", "demo",
                          *keyed(demo.key)), 2, "not UTF-8")
+    binary.write_bytes("\ufeffA=1\n".encode("utf-16"))
+    expect_error(demo.ov("secret", "import", str(binary), "--app", "demo",
+                         *keyed(demo.key)), 2, "is UTF-16 text; convert it to UTF-8")
     expect_error(demo.ov("secret", "import", str(tmp_path / "missing.env"), "--app",
                          "demo", *keyed(demo.key)), 2, "cannot read")
     expect_error(demo.ov("secret", "import", str(tmp_path), "--app", "demo",
@@ -845,6 +899,179 @@ def test_invalid_project_file_stops_every_command(demo, project, vault_dump,
     assert vault_dump(demo.path) == before
 
 
+# -- which config files count: owner, mode, where the search stops (issue 14) ------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown files")
+WHICH_APP = ["sh", "-c", 'echo "${OTHER_ONLY+other}${API_TOKEN+demo}"']
+
+
+def user_config(home, content="app: demo\n"):
+    return write_config(home / "config" / "ov" / "config.yaml", content)
+
+
+@needs_root
+def test_a_project_file_planted_by_another_user_is_ignored(demo, other, home, tmp_path):
+    """The reproduced attack: a .ov.yaml planted above root's build directory outside
+    $HOME chose another app.  It is ignored with one line, as if it were not there."""
+    user_config(home)
+    build = tmp_path / "x" / "build"
+    planted = write_config(tmp_path / "x" / ".ov.yaml", "app: other\nenv: staging\n")
+    build.mkdir()
+    for path in (planted, planted.parent):
+        os.chown(path, 1000, 1000)
+    result = demo.ov("run", *keyed(demo.key), "--", *WHICH_APP, cwd=build)
+    assert (result.returncode, result.out) == (0, "demo\n"), (result.out, result.err)
+    assert result.err == f"ov: ignoring {planted}: owned by uid 1000, not you or root\n"
+
+
+UNTRUSTED_PROJECT_FILES = {
+    "group-writable": (lambda path: path.chmod(0o664), "writable by group/others"),
+    "world-writable": (lambda path: path.chmod(0o646), "writable by group/others"),
+    "in a world-writable directory": (
+        lambda path: path.parent.chmod(0o777),
+        "in a directory writable by others without the sticky bit"),
+    "a symlink": (lambda path: (path.rename(path.with_name("real.yaml")),
+                                path.symlink_to("real.yaml")),
+                  "a symbolic link (not followed)"),
+    "a fifo": (lambda path: (path.unlink(), os.mkfifo(path)), "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("make,reason", UNTRUSTED_PROJECT_FILES.values(),
+                         ids=list(UNTRUSTED_PROJECT_FILES))
+def test_a_project_file_anyone_else_could_write_is_ignored(demo, other, project, home,
+                                                           make, reason):
+    """Even one's own: and the search stops there (the file further up is not used)."""
+    user_config(home)
+    write_config(project.parent.parent / ".ov.yaml", "app: other\n")
+    path = write_config(project / ".ov.yaml", "app: other\nenv: staging\n")
+    make(path)
+    result = demo.ov("secret", "list", cwd=project)
+    assert result.returncode == 0 and names(result.out) == sorted(DEMO_SECRETS), result
+    assert result.err == f"ov: ignoring {path}: {reason}\n"
+
+
+def test_a_project_file_in_a_sticky_world_writable_directory_counts(demo, other, project):
+    write_config(project / ".ov.yaml", "app: other\nenv: staging\n")
+    project.chmod(0o1777)
+    result = demo.ov("secret", "list", cwd=project, check=0)
+    assert names(result.out) == ["OTHER_ONLY"] and result.err == ""
+
+
+def test_the_user_config_follows_the_same_rule_through_its_symlink(demo, project, home):
+    """Its path is the user's own choice and dotfile managers link it: a symlink is
+    followed, and its target is what must be trusted."""
+    target = write_config(home / "dotfiles" / "ov.yaml", "app: demo\n")
+    link = home / "config" / "ov" / "config.yaml"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    assert names(demo.ov("secret", "list", cwd=project, check=0).out) == sorted(
+        DEMO_SECRETS)
+    target.chmod(0o664)
+    result = demo.ov("secret", "list", cwd=project)
+    lines = result.err.splitlines()
+    assert result.returncode == 3 and len(lines) == 2, result.err
+    assert lines[0] == f"ov: ignoring {link}: writable by group/others"
+    assert lines[1].startswith("ov: no app 'default'")
+
+
+def test_project_files_above_home_are_never_read_from_outside_it(demo, tmp_path, home,
+                                                                 expect_error):
+    """From a working directory outside $HOME, the search stops below the first
+    directory above $HOME (here tmp_path, holding home/), so it never reaches /."""
+    work = tmp_path / "work" / "build"
+    work.mkdir(parents=True)
+    write_config(tmp_path / ".ov.yaml", "app: demo\n")
+    expect_error(demo.ov("secret", "list", cwd=work), 3, "no app 'default'")
+    write_config(tmp_path / "work" / ".ov.yaml", "app: demo\n")
+    assert names(demo.ov("secret", "list", cwd=work, check=0).out) == sorted(DEMO_SECRETS)
+
+
+UNSHARE = shutil.which("unshare")
+IN_A_MOUNT = """set -e
+if [ "$3" = mount ]; then mount -t tmpfs ov-test "$1"; fi
+mkdir -p "$1/sub"; cd "$1/sub"; exec "$2" secret list"""
+
+
+def test_the_search_stops_at_a_filesystem_boundary(demo, home):
+    """home/mnt is a tmpfs mount (in a private mount namespace): from inside it, the
+    search does not cross into home, whose .ov.yaml it would otherwise find."""
+    if UNSHARE is None or subprocess.run([UNSHARE, "-m", "true"],
+                                         capture_output=True).returncode != 0:
+        pytest.skip("needs unshare(1) and the right to make a mount namespace")
+    write_config(home / ".ov.yaml", "app: demo\n")
+    (home / "mnt").mkdir()
+
+    def secret_list(how):
+        return subprocess.run(
+            [UNSHARE, "-m", "sh", "-c", IN_A_MOUNT, "sh", str(home / "mnt"), OV, how],
+            capture_output=True, text=True, env=demo.ov.env, timeout=60)
+
+    result = secret_list("mount")
+    assert result.returncode == 3 and result.stderr.startswith("ov: no app 'default'")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    result = secret_list("plain directory")
+    assert result.returncode == 0 and names(result.stdout) == sorted(DEMO_SECRETS), result
+
+
+def test_config_files_are_read_only_when_the_flags_leave_something_open(
+        demo, project, home, env_digests, digest, expect_error):
+    """A broken file cannot fail a command whose flags decide everything (app, env,
+    and --secrets for the commands that have it); when the file is needed, its one-line
+    error stands."""
+    path = write_config(project / ".ov.yaml", "app: [broken\n")
+    user_config(home, "env: [broken\n")
+    seen = env_digests(demo.ov, *keyed(demo.key), "--app", "demo", "--env", "production",
+                       "--secrets", "API_TOKEN", cwd=project)
+    assert_demo_secrets(seen, digest, ["API_TOKEN"])
+    result = demo.ov("secret", "list", "--app", "demo", "--env", "production", cwd=project)
+    assert result.returncode == 0 and result.err == "", result.err
+    assert names(result.out) == sorted(DEMO_SECRETS)
+    result = demo.ov("env", "list", "--app", "demo", cwd=project)   # takes no env
+    assert result.returncode == 0 and "production" in result.out, result.err
+    for missing in (["--app", "demo", "--env", "production"],
+                    ["--app", "demo", "--secrets", "API_TOKEN"],
+                    ["--env", "production", "--secrets", "API_TOKEN"]):
+        expect_error(demo.ov("run", *keyed(demo.key), *missing, "--", "true",
+                             cwd=project), 2, str(path), "invalid YAML")
+    expect_error(demo.ov("secret", "list", "--app", "demo", cwd=project), 2, str(path))
+    path.write_text("app: demo\nenv: production\n")   # decides: the user config unread
+    assert names(demo.ov("secret", "list", cwd=project, check=0).out) == sorted(
+        DEMO_SECRETS)
+
+
+RESOLVE_AS = """import sys
+from ovagent.client import config
+print(config.resolve(vault=True).app)
+"""
+
+
+@needs_setpriv
+def test_a_user_trusts_only_their_own_and_roots_files():
+    """As uid 65534: its own file and root's count, uid 1000's does not."""
+    base = Path(tempfile.mkdtemp(prefix="ov-config-"))
+    try:
+        base.chmod(0o755)
+        home = base / "home"
+        work = home / "work"
+        work.mkdir(parents=True)
+        os.chown(home, 65534, 65534)
+        path = write_config(work / ".ov.yaml", "app: mine\n")
+        env = ov_env(home, base / "vault.db")
+        for owner, app in ((65534, "mine"), (0, "mine"), (1000, "default")):
+            os.chown(path, owner, owner)
+            result = subprocess.run(
+                [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups",
+                 sys.executable, "-c", RESOLVE_AS], capture_output=True, text=True,
+                cwd=work, env=env, timeout=60)
+            assert result.returncode == 0 and result.stdout == f"{app}\n", result
+            assert result.stderr == ("" if app == "mine" else
+                                     f"ov: ignoring {path}: owned by uid 1000, not "
+                                     "you or root\n")
+    finally:
+        shutil.rmtree(base)
+
+
 # -- unreadable, corrupt or tampered vaults --------------------------------------
 
 
@@ -939,6 +1166,180 @@ def test_rotation_of_a_tampered_app_changes_nothing(demo, vault_dump, expect_err
     expect_error(demo.ov("app", "rotate-key", "demo", *keyed(demo.key)), 5,
                  "key of secret API_TOKEN")
     assert vault_dump(demo.path) == before
+
+
+# -- someone who can write the vault file: heads, types, format (issue 14, item 7) ---
+
+
+def run_all(key):
+    """`ov run` of every secret of demo/production: prints RAN if the command ran."""
+    return ("run", *keyed(key), "--app", "demo", "--", "sh", "-c", "echo RAN")
+
+
+def test_a_deleted_newest_version_is_never_served(demo, expect_error, vault_dump):
+    """The newest version's row deleted with sqlite3: every read is an integrity
+    error naming what is wrong (exit 5, one line, the command never runs), never the
+    older value; writes to that secret refuse too; other secrets still read."""
+    key = keyed(demo.key)
+    demo.ov("secret", "set", "DB_URL", "--app", "demo", *key, input="newer", check=0)
+    write_sql(demo.path, "DELETE FROM secrets WHERE name = 'DB_URL' AND version = 2")
+    message = (f"vault {demo.path}: secret DB_URL of demo/production is at version 2, "
+               "its newest record says 1: the vault file was tampered with")
+    for args in (run_all(demo.key), run_all(demo.scoped_key),
+                 ("run", *key, "--app", "demo", "--secrets", "DB_URL", "--", "true")):
+        assert expect_error(demo.ov(*args), 5) == f"ov: {message}"
+    before = vault_dump(demo.path)
+    expect_error(demo.ov("secret", "set", "DB_URL", "--app", "demo", *key, input="x"), 5,
+                 message)
+    expect_error(demo.ov("secret", "delete", "DB_URL", "--app", "demo", *key), 5, message)
+    assert vault_dump(demo.path) == before
+    assert demo.ov("run", *key, "--app", "demo", "--secrets", "API_TOKEN", "--",
+                   "true").returncode == 0
+
+
+def test_an_injected_newer_version_is_an_integrity_error(demo, tmp_path, expect_error):
+    """A genuine later record (it decrypts) injected into an earlier copy of the vault,
+    whose head does not list it: refused, not served."""
+    key = keyed(demo.key)
+    earlier = tmp_path / "earlier.db"
+    shutil.copy(demo.path, earlier)
+    demo.ov("secret", "set", "API_TOKEN", "--app", "demo", *key, input="tok-later",
+            check=0)
+    write_sql(earlier, f"ATTACH DATABASE '{demo.path}' AS later",
+        "INSERT INTO secrets SELECT * FROM later.secrets WHERE name = 'API_TOKEN' AND "
+        "version = 2")
+    shutil.copy(earlier, demo.path)
+    for args in (run_all(demo.key), ("run", *key, "--app", "demo", "--secrets",
+                                     "API_TOKEN", "--", "sh", "-c", "echo RAN")):
+        expect_error(demo.ov(*args), 5, "secret API_TOKEN of demo/production is at "
+                     "version 1, its newest record says 2: the vault file was tampered")
+
+
+def test_a_head_swapped_from_another_env_is_an_integrity_error(demo, expect_error):
+    key = keyed(demo.key)
+    demo.ov("env", "create", "staging", "--app", "demo", check=0)
+    demo.ov("secret", "set", "DB_URL", "--app", "demo", "--env", "staging", *key,
+            input="staging-url", check=0)
+    write_sql(demo.path, "UPDATE heads SET head = (SELECT head FROM heads WHERE "
+                   "env = 'staging') WHERE env = 'production'")
+    for secret_key in (demo.key, demo.scoped_key):
+        expect_error(demo.ov(*run_all(secret_key)), 5,
+                     "head of demo/production: decryption failed")
+    assert demo.ov("run", *key, "--app", "demo", "--env", "staging", "--",
+                   "true").returncode == 0
+
+
+def recreate_secrets_without_strict(path):
+    """The secrets table recreated as a plain (not STRICT) table, then TEXT stored in
+    a BLOB and a REAL column."""
+    db = sqlite3.connect(path)
+    try:
+        db.executescript("""
+            PRAGMA foreign_keys = OFF;
+            BEGIN;
+            CREATE TABLE loose (app, env, name, version, wrapped_dek BLOB,
+                                ciphertext BLOB, created REAL);
+            INSERT INTO loose SELECT * FROM secrets;
+            DROP TABLE secrets;
+            ALTER TABLE loose RENAME TO secrets;
+            UPDATE secrets SET ciphertext = 'text', created = 'yesterday'
+                WHERE name = 'API_TOKEN';
+            COMMIT;
+        """)
+    finally:
+        db.close()
+
+
+def store_text_then_restore_strict(path):
+    """The schema rewritten (writable_schema) to drop STRICT, TEXT stored in a BLOB
+    and a REAL column, and the schema's text put back: the table reads as STRICT
+    (PRAGMA table_list says so) but holds values of the wrong type."""
+    for edit in ("replace(sql, ') STRICT', ')')", "sql || ' STRICT'"):
+        db = sqlite3.connect(path)
+        try:
+            db.execute("PRAGMA writable_schema = ON")
+            db.execute(f"UPDATE sqlite_master SET sql = {edit} WHERE name = 'secrets'")
+            db.commit()
+        finally:
+            db.close()
+        if edit.startswith("replace"):
+            write_sql(path, "UPDATE secrets SET ciphertext = 'text', created = 'yesterday' "
+                      "WHERE name = 'API_TOKEN'")
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (recreate_secrets_without_strict, "its schema is not that of an ov vault of "
+                                      "format 2 (table secrets was altered)"),
+    (store_text_then_restore_strict, "a value in column ciphertext of table secrets has "
+                                     "the wrong type or size"),
+], ids=["recreated without STRICT", "STRICT restored over wrong types"])
+def test_values_of_the_wrong_type_are_one_line_integrity_errors(demo, expect_error,
+                                                                 edit, fragment):
+    edit(demo.path)
+    key = keyed(demo.key)
+    for args in (("secret", "list", "--app", "demo"), run_all(demo.key),
+                 run_all(demo.scoped_key), ("app", "rotate-key", "demo", *key)):
+        expect_error(demo.ov(*args), 5, f"vault {demo.path}", fragment,
+                     "the vault file was tampered with")
+
+
+@pytest.mark.parametrize("name,what", [("kek_check", "KEK check"),
+                                       ("wrapped_kek", "wrapped KEK")])
+def test_truncated_metadata_is_an_integrity_error(demo, expect_error, name, what):
+    """A truncated KEK check made the KEK look like a wrong key (exit 4)."""
+    write_sql(demo.path, f"UPDATE meta SET value = substr(value, 1, 20) WHERE key = '{name}'")
+    for args in (run_all(demo.key), ("secret", "list", "--app", "demo"),
+                 ("auth", "change-password", "--password-stdin")):
+        expect_error(demo.ov(*args, input=f"{PASSWORD}\n{NEW_PASSWORD}\n"), 5,
+                     f"vault {demo.path} has a malformed {what}: the vault file was "
+                     "tampered with")
+
+
+def test_writing_format_1_back_into_an_upgraded_vault_fails_closed(demo, expect_error,
+                                                                   vault_dump):
+    key = keyed(demo.key)
+    demo.ov("secret", "set", "DB_URL", "--app", "demo", *key, input="newer", check=0)
+    write_sql(demo.path, "UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    for args in (run_all(demo.key), ("secret", "list", "--app", "demo"),
+                 ("auth", "upgrade", *key)):
+        expect_error(demo.ov(*args), 5, "not that of an ov vault of format 1 (table "
+                     "'heads' is not ov's)")
+    # the heads dropped too, and the newest version of DB_URL with them
+    write_sql(demo.path, "DROP TABLE heads",
+        "DELETE FROM secrets WHERE name = 'DB_URL' AND version = 2")
+    expect_error(demo.ov(*run_all(demo.key)), 1, f"ov auth upgrade --vault {demo.path}")
+    before = vault_dump(demo.path)
+    expect_error(demo.ov("auth", "upgrade", *key), 5,
+                 "app 'demo' already has heads, yet the vault says format 1")
+    assert vault_dump(demo.path) == before
+
+
+def test_a_format_1_vault_is_refused_until_ov_auth_upgrade(demo, tmp_path, expect_error,
+                                                          env_digests, digest,
+                                                          vault_dump):
+    as_format_1(demo.path, demo.key.read_bytes())
+    before = vault_dump(demo.path)
+    refusal = (f"vault {demo.path} is of format 1, which cannot tell a deleted or "
+               "rolled-back secret version from the current one; upgrade it once with "
+               f"'ov auth upgrade --vault {demo.path}' (with the master password or an "
+               "unscoped machine key)")
+    for args in (run_all(demo.key), run_all(demo.scoped_key),
+                 ("secret", "set", "X", "--app", "demo", *keyed(demo.key)),
+                 ("env", "create", "new", "--app", "demo"),
+                 ("agent", "start", "--foreground", "--machine-key", str(demo.key),
+                  "--socket", str(tmp_path / "agent" / "ov.sock"))):
+        assert expect_error(demo.ov(*args, input="v"), 1) == f"ov: {refusal}"
+    assert "DB_URL" in names(demo.ov("secret", "list", "--app", "demo", check=0).out)
+    expect_error(demo.ov("auth", "upgrade", *keyed(demo.scoped_key)), 4,
+                 "upgrading the vault needs the master password")
+    assert vault_dump(demo.path) == before
+    assert demo.ov("auth", "upgrade", *keyed(demo.key), check=0).out == (
+        f"Upgraded vault {demo.path} to format 2\n")
+    assert demo.ov("auth", "upgrade", "--password-stdin", input=PASSWORD + "\n",
+                   check=0).out == f"Vault {demo.path} is of format 2 already\n"
+    for secret_key in (demo.key, demo.scoped_key):      # machine keys keep working
+        assert_demo_secrets(env_digests(demo.ov, *keyed(secret_key), "--app", "demo"),
+                            digest)
 
 
 def test_missing_vault_is_not_found(ov, tmp_path, expect_error):

@@ -3,6 +3,7 @@ table, row by row, with the test that shows each): framing tricks, JSON and MAC
 edge cases, replay after a restart, resource exhaustion, a full disk and an audit
 sink that is gone.  Real agents, real sockets, real ``ov`` processes."""
 
+import array
 import json
 import os
 import re
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (DEMO_SECRETS, OV, Session, frame_of, proc_stat, protocol, redact,
-                     signed, wait_for)
+from helpers import (DEMO_SECRETS, OV, SETPRIV, Session, descriptor_count, frame_of,
+                     memory_copies, needs_setpriv, proc_stat, protocol, read_line,
+                     redact, signed, wait_for)
 from ovagent.agent.auth import NonceCache
 from ovagent.agent.audit import JOURNAL_SOCKET
 from test_protocol import ask, outcome
@@ -34,6 +36,17 @@ def agent_cpu_seconds(pid):
 def agent_rss_kib(pid):
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+
+def held(agent, path):
+    """How many of the agent's descriptors are open on *path*."""
+    count = 0
+    for fd in Path(f"/proc/{agent.pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd) == str(path)
+        except FileNotFoundError:         # closed while we looked
+            pass
+    return count
 
 
 # -- framing ------------------------------------------------------------------------
@@ -171,20 +184,12 @@ def test_descriptors_sent_with_a_request_are_all_closed(agent, key, tmp_path):
     them."""
     mine = tmp_path / "passed-descriptor"
     mine.touch()
-
-    def held():
-        count = 0
-        for fd in Path(f"/proc/{agent.pid}/fd").iterdir():
-            try:
-                count += os.readlink(fd) == str(mine)
-            except FileNotFoundError:     # closed while we looked
-                pass
-        return count
     with open(mine, "r+b") as passed:
         for op, count in (("status", 5), ("release", 3), ("spawn", 2), ("spawn", 4)):
             assert ask(agent, lambda c, op=op: signed(key, c, op),
                        [passed.fileno()] * count) == "error:bad-request"
-    wait_for(lambda: held() == 0, "the agent to close every descriptor we passed")
+    wait_for(lambda: held(agent, mine) == 0,
+             "the agent to close every descriptor we passed")
 
 
 # -- resources --------------------------------------------------------------------------
@@ -416,8 +421,7 @@ def test_descriptors_on_a_header_sent_byte_by_byte_are_refused_at_once(agent, tm
         reply = session.answer()
     assert reply != "closed" and reply["code"] == protocol.E_BAD_REQUEST, reply
     assert "file descriptors sent" in reply["message"]
-    wait_for(lambda: not any(os.readlink(fd) == str(mine) for fd in
-                             Path(f"/proc/{agent.pid}/fd").iterdir()),
+    wait_for(lambda: held(agent, mine) == 0,
              "the agent to close every descriptor we passed")
 
 
@@ -469,3 +473,184 @@ def test_a_caller_in_a_cgroup_named_with_any_bytes_does_not_stop_the_agent(agent
 def read_bytes(path):
     with open(path, "rb") as handle:
         return handle.read()
+
+
+# -- issue 14: clients without a key --------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def descriptors_return_to_baseline(request):
+    """After each test here that uses the ``agent`` fixture, the agent holds no more
+    descriptors than it did once it had served a first request."""
+    if "agent" not in request.fixturenames:
+        yield
+        return
+    agent = request.getfixturevalue("agent")
+    assert agent.status().returncode == 0    # what opens lazily is in the baseline
+    baseline = descriptor_count(agent.pid)
+    yield
+    if agent.proc.poll() is None:
+        wait_for(lambda: descriptor_count(agent.pid) <= baseline,
+                 f"the agent's descriptors to return to {baseline}")
+
+
+@pytest.mark.parametrize("end", ["reset", "silence", "eof"])
+def test_descriptors_sent_with_a_piece_of_header_are_closed_however_it_ends(
+        agent, tmp_path, end):
+    """The attack of issue 14: connections that send one byte of a header with
+    descriptors attached, then reset (close with the hello unread), fall silent
+    until the deadline, or end the stream.  However they end, the agent closes what
+    came: 40 of them leave it holding none."""
+    mine = tmp_path / "passed-descriptor"
+    mine.touch()
+    sockets = []
+    with open(mine, "r+b") as passed:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(agent.socket))
+            sock.sendmsg([b"O"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   array.array("i", [passed.fileno()] * 3))])
+            sockets.append(sock)
+    try:
+        for sock in sockets:
+            if end == "reset":
+                sock.close()
+            elif end == "eof":
+                sock.shutdown(socket.SHUT_WR)
+        if end == "silence":
+            wait_for(lambda: held(agent, mine) > 0, "the agent to read a descriptor")
+        wait_for(lambda: held(agent, mine) == 0,
+                 "the agent to close every descriptor we passed")
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+ATTACKER = r"""
+import socket, sys, threading, time
+path, stalled, reopening = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+stop = time.monotonic() + float(sys.argv[4])
+
+def attack(first_bytes):
+    # Connect, send first_bytes (one byte of a header, or nothing), wait until the
+    # agent hangs up, and at once again.
+    while time.monotonic() < stop:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.05, stop - time.monotonic()))
+            sock.connect(path)
+            sock.sendall(first_bytes)
+            while sock.recv(65536):
+                pass
+        except OSError:
+            time.sleep(0.001)
+        finally:
+            sock.close()
+
+threads = [threading.Thread(target=attack, args=(b"O",)) for _ in range(stalled)]
+threads += [threading.Thread(target=attack, args=(b"",)) for _ in range(reopening)]
+for thread in threads:
+    thread.start()
+print("attacking", flush=True)
+for thread in threads:
+    thread.join()
+"""
+
+
+@needs_setpriv
+def test_one_uids_stalled_and_reopening_connections_do_not_starve_another(
+        agents, shared_place):
+    """Issue 14: 200 stalled connections (one byte, then nothing) and 70 that reopen
+    as soon as the agent hangs up, all from uid 65534 and without a key, against
+    the default 64 slots.  Every request of another uid is served meanwhile (the
+    attacker's oldest connection gives way), and the attack's thousands of
+    refusals make a handful of audit lines."""
+    base, _ = shared_place
+    agent = agents.start("--system", sock=base / "r" / "a.sock")
+    os.chmod(agent.socket.parent, 0o711)
+    os.chmod(agent.socket, 0o666)
+    attacker = subprocess.Popen(
+        [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", ATTACKER, str(agent.socket), "200", "70", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert read_line(attacker.stdout).strip() == "attacking"
+        wait_for(lambda: agent_counters(agent)["busy"] > 500,
+                 "the attack to fill every slot", timeout=30)
+        slowest = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            result = agent.run("true")
+            slowest = max(slowest, time.monotonic() - started)
+            assert result.returncode == 0, redact(result.err)
+        counters = agent_counters(agent)
+    finally:
+        attacker.kill()
+        attacker.wait()
+    # The time is the client's too, and here it shares two CPUs with 270 attacking
+    # threads in one cgroup: reported, not asserted (the system suite's soak test
+    # runs each side in its own unit).
+    print(f"served 10 of 10 under attack, the slowest in {slowest:.3f} s; {counters}")
+    denied_lines = [line for line in agent.log().splitlines() if ": denied: " in line]
+    assert counters["denied"] > 10 * len(denied_lines), (counters, len(denied_lines))
+
+
+def agent_counters(agent):
+    """The agent's counters, from a signed status request."""
+    with Session(agent.socket) as session:
+        return session.request(signed(agent.key.read_bytes(), session.challenge))[
+            "counters"]
+
+
+def test_a_flood_of_denials_makes_a_few_records_that_count_every_one(agent):
+    """300 bad frames in a row from one uid: the first denial is recorded in full,
+    the rest are counted into one record per interval (REPEATED=N), written at the
+    latest when the agent stops; none is lost from the count."""
+    for _ in range(300):
+        assert ask(agent, lambda challenge: frame_of(b"{")) == "error:bad-frame"
+    assert agent.terminate() == 0
+    records = [line for line in agent.log().splitlines() if ": denied: " in line]
+    repeated = [int(match.group(1)) for line in records
+                for match in [re.search(r" repeated=(\d+)", line)] if match]
+    assert len(records) <= 2 * (1 + 300 // 1000), records      # one interval or two
+    assert len(records) - len(repeated) + sum(repeated) == 300, records
+
+
+def test_control_characters_in_audited_text_cannot_forge_a_log_line(agent):
+    """A key holder's argv[0] with a newline (and an escape sequence) reaches the audit
+    record escaped: without journald the record is a line on stderr, and it stays
+    one line."""
+    forged = "true\nov-agent[1]: released: forged\x1b[2K"
+    result = agent.run(forged)
+    assert result.returncode == 127, redact(result.err)
+    lines = agent.log().splitlines()
+    assert not any(line.startswith("ov-agent[1]:") for line in lines), lines
+    released = [line for line in lines if ": released: " in line]
+    assert len(released) == 1 and "true\\nov-agent[1]: released: forged\\x1b[2K" in \
+        released[0], released
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading a non-dumpable agent's memory "
+                                              "needs root")
+def test_the_machine_key_and_its_mac_subkey_live_only_on_the_locked_page(agent, demo):
+    """After a run of releases the agent's memory holds the machine key and the MAC
+    subkey once each, on the page that is locked and left out of core dumps (VmFlags
+    lo, dd).  (docs/security.rst, "Key material in memory", lists the short-lived
+    copies that remain, such as each request's app key in freed memory.)"""
+    for _ in range(20):
+        assert agent.run("true").returncode == 0
+    key = demo.key.read_bytes()
+    for name, material in (("machine key", key),
+                           ("MAC subkey", protocol.mac_key(key))):
+        copies = memory_copies(agent.pid, material)
+        assert len(copies) == 1 and {"lo", "dd"} <= set(copies[0]), (name, copies)
+
+
+def test_a_connection_without_a_request_is_dropped_after_a_short_deadline(agent):
+    """Unauthenticated connections do not keep a slot for the whole frame deadline:
+    the request must be whole protocol.REQUEST_TIMEOUT seconds after the accept."""
+    assert protocol.REQUEST_TIMEOUT < protocol.FRAME_TIMEOUT / 2
+    with Session(agent.socket) as session:
+        session.send(b"O")
+        reply = session.answer(timeout=protocol.REQUEST_TIMEOUT + 3)
+    assert outcome(reply) == "error:timeout", reply

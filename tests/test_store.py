@@ -93,12 +93,17 @@ def store(tmp_path):
     store.close()
 
 
+# Dummy blobs of the sizes the store checks on read (AES-256-GCM: wrapped keys are
+# nonce + key + tag, key checks nonce + tag, ciphertexts at least that).
+WRAPPED, CHECK, CIPHERTEXT = b"w" * 60, b"c" * 28, b"x" * 40
+
+
 def app(name, generation=1):
-    return AppRecord(name, b"wrapped-" + name.encode(), b"check", generation, 1.0)
+    return AppRecord(name, WRAPPED, CHECK, generation, 1.0)
 
 
 def secret(name, version=1, env="prod"):
-    return SecretRecord("a", env, name, version, b"dek", b"ct", 2.0)
+    return SecretRecord("a", env, name, version, WRAPPED, CIPHERTEXT, 2.0)
 
 
 def test_create_refuses_existing_and_leaves_nothing_behind(store, tmp_path):
@@ -144,7 +149,7 @@ def test_delete_app_removes_everything_of_it(store):
         store.create_env("a", "prod")
         store.create_env("b", "prod")
         store.put_secret(secret("S"))
-        store.put_secret(SecretRecord("b", "prod", "S", 1, b"d", b"c", 1.0))
+        store.put_secret(SecretRecord("b", "prod", "S", 1, WRAPPED, CIPHERTEXT, 1.0))
     with store.transaction():
         store.delete_app("a")
     assert [r.name for r in store.list_apps()] == ["b"]
@@ -193,6 +198,145 @@ def test_sqlite_failures_become_one_line_errors(tmp_path):
         SqliteStore(str(directory))
     assert caught.value.exit_code in (EXIT_FAILURE, EXIT_USAGE)
     assert "\n" not in str(caught.value)
+
+
+# -- what is read back: every value checked, the schema exactly ov's ------------
+
+
+@pytest.fixture
+def filled(store):
+    """The store with app a, env prod, secret S and the env's head."""
+    with store.transaction():
+        store.put_app(app("a"))
+        store.create_env("a", "prod")
+        store.put_secret(secret("S"))
+        store.put_head("a", "prod", CIPHERTEXT)
+    return store
+
+
+def write_loosely(path, table, column, value):
+    """Store *value* in *table*.*column* whatever its type: drop STRICT from the
+    schema's text (writable_schema), write, and put STRICT back, so that the table
+    reads as STRICT again (PRAGMA table_list says so) while it holds the value."""
+    for edit in ("replace(sql, ') STRICT', ')')", "sql || ' STRICT'"):
+        db = sqlite3.connect(path)
+        try:
+            db.execute("PRAGMA writable_schema = ON")
+            db.execute(f"UPDATE sqlite_master SET sql = {edit} WHERE name = ?", (table,))
+            db.commit()
+        finally:
+            db.close()
+        if edit.startswith("replace"):
+            db = sqlite3.connect(path)
+            try:
+                db.execute(f"UPDATE {table} SET {column} = ?", (value,))
+                db.commit()
+            finally:
+                db.close()
+
+
+READS = {"apps": lambda s: s.list_apps(), "envs": lambda s: s.list_envs("a"),
+         "secrets": lambda s: s.latest_secrets("a", "prod"),
+         "heads": lambda s: s.get_head("a", "prod")}
+BAD_VALUES = {
+    ("apps", "name"): b"a", ("apps", "wrapped_key"): WRAPPED[:-1],
+    ("apps", "key_check"): "a text check", ("apps", "generation"): 0,
+    ("apps", "created"): "yesterday",
+    ("envs", "name"): b"prod", ("envs", "created"): 1e300,
+    ("secrets", "name"): "1NOT_A_NAME", ("secrets", "version"): "one",
+    ("secrets", "wrapped_dek"): WRAPPED + b"!", ("secrets", "ciphertext"): b"c" * 27,
+    ("secrets", "created"): -1.0,
+    ("heads", "head"): "a text head",
+}
+
+
+@pytest.mark.parametrize("where,value", BAD_VALUES.items(),
+                         ids=[f"{t}.{c}" for t, c in BAD_VALUES])
+def test_every_value_read_is_checked(filled, where, value):
+    """A value of the wrong type or size, even in a table that reads as STRICT, is an
+    IntegrityError naming vault, table and column, never the value."""
+    table, column = where
+    filled.close()
+    write_loosely(filled.path, table, column, value)
+    assert sql(filled.path, f"PRAGMA table_list({table})")[0][5] == 1   # STRICT again
+    store = SqliteStore(filled.path)
+    store.check_schema(2)                          # the schema is ov's, as text
+    reads = [READS[table]] + ([lambda s: s.next_version("a", "prod", "S")]
+                              if column == "version" else [])
+    for read in reads:
+        with pytest.raises(IntegrityError) as caught:
+            read(store)
+        assert str(caught.value) == (
+            f"vault {store.path}: a value in column {column} of table {table} has the "
+            "wrong type or size: the vault file was tampered with")
+    store.close()
+
+
+SCHEMA_EDITS = {
+    "trigger": ("CREATE TRIGGER t AFTER INSERT ON heads BEGIN DELETE FROM secrets; END",
+                "trigger 't' is not ov's"),
+    "view": ("CREATE VIEW v AS SELECT * FROM secrets", "view 'v' is not ov's"),
+    "index": ("CREATE INDEX i ON secrets (created)", "index 'i' is not ov's"),
+    "table": ("CREATE TABLE extra (x)", "table 'extra' is not ov's"),
+    "dropped table": ("DROP TABLE heads", "table heads is missing"),
+    "recreated without STRICT": (
+        "CREATE TABLE loose (app, env, head); INSERT INTO loose SELECT * FROM heads; "
+        "DROP TABLE heads; ALTER TABLE loose RENAME TO heads", "table heads was altered"),
+}
+
+
+@pytest.mark.parametrize("script,fragment", SCHEMA_EDITS.values(), ids=list(SCHEMA_EDITS))
+def test_the_schema_must_be_exactly_ovs(filled, script, fragment):
+    filled.check_schema(2)
+    db = sqlite3.connect(filled.path)
+    try:
+        db.executescript(script)
+    finally:
+        db.close()
+    with pytest.raises(IntegrityError) as caught:
+        filled.check_schema(2)
+    assert str(caught.value) == (
+        f"vault {filled.path}: its schema is not that of an ov vault of format 2 "
+        f"({fragment}): the vault file was tampered with")
+
+
+def test_statistics_and_vacuum_leave_the_schema_ovs(filled):
+    db = sqlite3.connect(filled.path)
+    try:
+        db.executescript("ANALYZE; VACUUM; PRAGMA optimize;")
+    finally:
+        db.close()
+    filled.check_schema(2)
+    with pytest.raises(IntegrityError, match="format 1 \\(table 'heads' is not ov's\\)"):
+        filled.check_schema(1)
+
+
+def test_a_snapshot_reads_one_committed_state_and_holds_up_no_writer(filled):
+    """The head and the records a read checks against it come from one state."""
+    writer = SqliteStore(filled.path)
+    try:
+        with filled.snapshot():
+            assert [r.version for r in filled.latest_secrets("a", "prod")] == [1]
+            with writer.transaction():
+                writer.put_secret(secret("S", 2))
+                writer.put_head("a", "prod", CIPHERTEXT + b"2")
+            assert [r.version for r in filled.latest_secrets("a", "prod")] == [1]
+            assert filled.get_head("a", "prod") == CIPHERTEXT
+        assert [r.version for r in filled.latest_secrets("a", "prod")] == [2]
+    finally:
+        writer.close()
+
+
+def test_deleting_an_env_or_app_deletes_its_heads(filled):
+    with filled.transaction():
+        filled.create_env("a", "other")
+        filled.put_head("a", "other", CIPHERTEXT)
+    with filled.transaction():
+        filled.delete_env("a", "prod")
+    assert sql(filled.path, "SELECT app, env FROM heads") == [("a", "other")]
+    with filled.transaction():
+        filled.delete_app("a")
+    assert sql(filled.path, "SELECT COUNT(*) FROM heads") == [(0,)]
 
 
 # -- concurrent ov processes -----------------------------------------------------
@@ -276,7 +420,7 @@ while True:
     print(i, flush=True)
     if i % 3 == 0:
         vault.set_secrets(keyring, "demo", "production", {"TEMP": b"temp"})
-        vault.delete_secret("demo", "production", "TEMP")
+        vault.delete_secret(keyring, "demo", "production", "TEMP")
     if i % 5 == 0:
         vault.rotate_app_key(keyring, "demo")
 """

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import PASSWORD, SENTINEL
+from helpers import PASSWORD, SENTINEL, as_format_1, write_sql
 from ovagent.core import canonical, crypto
-from ovagent.core.errors import AuthError, IntegrityError, NotFoundError, UsageError
+from ovagent.core.errors import (AuthError, IntegrityError, NotFoundError,
+                                 OutdatedVaultError, OvError, UsageError)
 from ovagent.core.validate import (MAX_VALUE_BYTES, check_name, check_slug, check_value, is_name,
                               is_slug)
 from ovagent.core.vault import Vault
@@ -139,14 +140,19 @@ class Blob:
     rowid: int
     kind: str
     app: str | None
+    size: int = 0
 
-    def readers(self):
-        """The unlock ways that must read (and so must reject) this blob."""
+    def readers(self, resized=False):
+        """The unlock ways that must read (and so must reject) this blob.  Resized,
+        a blob of fixed size is refused as its row is read: one of the vault's
+        metadata by every way (at Vault.open), an app's by every reader of the app."""
+        if self.table == "meta" and resized:
+            return set(WAYS)
         if self.kind == "wrapped_kek":
             return {"password"}
         if self.kind == "kek_check":
             return {"kek"}
-        if self.kind == "wrapped_key":
+        if self.kind == "wrapped_key" and not resized:
             return {"password", "kek"}
         return {"password", "kek", f"scoped-{self.app}"}
 
@@ -165,6 +171,10 @@ def blobs_of(data, work):
         for rowid, app in db.execute("SELECT rowid, app FROM secrets ORDER BY rowid"):
             found += [Blob("secrets", column, rowid, column, app)
                       for column in ("wrapped_dek", "ciphertext")]
+        for rowid, app in db.execute("SELECT rowid, app FROM heads ORDER BY rowid"):
+            found.append(Blob("heads", "head", rowid, "head", app))
+        found = [Blob(b.table, b.column, b.rowid, b.kind, b.app, len(get_blob(db, b)))
+                 for b in found]
     finally:
         db.close()
     return found
@@ -174,8 +184,9 @@ def blobs_of(data, work):
 def blobs(built):
     found = blobs_of(built.data, built.work)
     assert {b.kind for b in found} == {"wrapped_kek", "kek_check", "wrapped_key",
-                                      "key_check", "wrapped_dek", "ciphertext"}
-    assert len(found) == 2 + 2 * len(APPS) + 2 * sum(map(len, CONTENT.values()))
+                                      "key_check", "wrapped_dek", "ciphertext", "head"}
+    assert len(found) == (2 + 2 * len(APPS) + 2 * sum(map(len, CONTENT.values()))
+                          + len(CONTENT))
     return found
 
 
@@ -242,7 +253,8 @@ def test_any_truncation_or_extension_is_detected(built, blobs, data):
             value += data.draw(st.binary(min_size=1, max_size=32), "extra")
         put_blob(db, blob, value)
 
-    assert_detected(read_every_way(tamper(built, resize), built), blob.readers())
+    assert_detected(read_every_way(tamper(built, resize), built),
+                    blob.readers(resized=True))
 
 
 @TAMPER
@@ -256,8 +268,9 @@ def test_any_swap_of_two_blobs_is_detected(built, blobs, data):
         put_blob(db, first, b)
         put_blob(db, second, a)
 
+    resized = first.size != second.size
     assert_detected(read_every_way(tamper(built, swap), built),
-                    first.readers() | second.readers())
+                    first.readers(resized) | second.readers(resized))
 
 
 @TAMPER
@@ -301,9 +314,10 @@ def test_ciphertexts_are_bound_to_their_place(built, statement):
     results = read_every_way(path, built)
     for way in ("password", "kek", "scoped-demo"):
         assert isinstance(results[way], (IntegrityError, AuthError)), (way, results[way])
-    # app "other" may have lost D to the move, but what it reads is still its own
-    for (app, env), values in results["scoped-other"].items():
-        assert values.items() <= digests(CONTENT[app, env]).items()
+    if statement == MOVES["move to other app"]:   # other lost D: its head tells
+        assert isinstance(results["scoped-other"], IntegrityError)
+    else:
+        assert results["scoped-other"] == expected("scoped-other")
 
 
 def test_swapping_app_names_is_detected(built):
@@ -367,14 +381,18 @@ def test_kdf_params_outside_bounds_never_open(built, time_cost, memory_kib, para
 
 @pytest.mark.parametrize("key,value", [
     ("kdf", "not json"), ("kdf", 7), ("salt", "text salt"), ("salt", b"short"),
-    ("salt", 12), ("vault_id", 1.5), ("vault_id", "id"),
+    ("salt", 12), ("vault_id", 1.5), ("vault_id", "id"), ("vault_id", b"x" * 15),
+    ("kek_check", b"x" * 27), ("kek_check", "x" * 28), ("wrapped_kek", b"x" * 61),
+    ("wrapped_kek", 60), ("schema_version", "2"), ("schema_version", 0),
+    ("schema_version", 2.0),
 ], ids=lambda v: repr(v)[:20])
 def test_malformed_metadata_is_an_integrity_error(built, key, value):
     with pytest.raises(IntegrityError):
         Vault.open(str(set_meta(built, key, value)))
 
 
-@pytest.mark.parametrize("key", ["vault_id", "salt", "kdf", "wrapped_kek", "kek_check"])
+@pytest.mark.parametrize("key", ["vault_id", "salt", "kdf", "wrapped_kek", "kek_check",
+                                 "schema_version"])
 def test_missing_metadata_is_an_integrity_error(built, key):
     path = tamper(built, lambda db: db.execute("DELETE FROM meta WHERE key = ?", (key,)))
     with pytest.raises(IntegrityError):
@@ -387,6 +405,279 @@ def test_other_salt_means_wrong_password_not_wrong_key(built):
     with pytest.raises(AuthError):
         vault.unlock(PASSWORD.encode())
     vault.store.close()
+
+
+def test_a_newer_format_is_refused_not_misread(built):
+    with pytest.raises(OvError, match="is of format 3; this ov reads format 2 at most"):
+        Vault.open(str(set_meta(built, "schema_version", 3)))
+
+
+# -- heads: someone who can write the vault file (issue 14, item 7) ---------------
+
+
+def reveal_every_env(path, built):
+    """(app, env) -> digests of reveal() with the KEK, or the error it raised."""
+    vault = Vault.open(str(path))
+    try:
+        keyring = vault.unlock_key(built.kek)
+        found = {}
+        for key in CONTENT:
+            try:
+                found[key] = digests(vault.reveal(keyring, *key))
+            except (IntegrityError, NotFoundError) as exc:
+                found[key] = exc
+        return found
+    finally:
+        vault.store.close()
+
+
+def test_a_deleted_newest_version_is_an_integrity_error_never_the_older_value(built):
+    path = fresh_copy(built)
+    vault = Vault.open(str(path))
+    keyring = vault.unlock_key(built.kek)
+    vault.set_secrets(keyring, "demo", "production", {"A": SENTINEL.encode() + b"-2"})
+    vault.store.close()
+    path = write_sql(path, "DELETE FROM secrets WHERE name = 'A' AND version = 2")
+    vault = Vault.open(str(path))
+    keyring = vault.unlock_key(built.kek)
+    for names in (None, ["A"], ["A", "B"]):
+        with pytest.raises(IntegrityError) as caught:
+            vault.reveal(keyring, "demo", "production", names)
+        assert str(caught.value) == (
+            f"vault {path}: secret A of demo/production is at version 2, its newest "
+            "record says 1: the vault file was tampered with")
+    assert digests(vault.reveal(keyring, "demo", "production", ["B"])) == digests(
+        {"B": CONTENT["demo", "production"]["B"]})       # what is intact still reads
+    for write in (lambda: vault.set_secrets(keyring, "demo", "production", {"A": b"x"}),
+                  lambda: vault.delete_secret(keyring, "demo", "production", "A")):
+        with pytest.raises(IntegrityError, match="at version 2"):
+            write()
+    vault.store.close()
+
+
+TAMPERINGS = {
+    "injected version": (
+        "INSERT INTO secrets SELECT app, env, name, 2, wrapped_dek, ciphertext, created "
+        "FROM secrets WHERE app = 'demo' AND env = 'production' AND name = 'A'",
+        "is at version 1, its newest record says 2"),
+    "injected secret": (
+        "INSERT INTO secrets SELECT app, env, 'Z', version, wrapped_dek, ciphertext, "
+        "created FROM secrets WHERE app = 'demo' AND env = 'production' AND name = 'A'",
+        "secret Z of demo/production is not in its head, yet a record of version 1"),
+    "deleted secret": (
+        "DELETE FROM secrets WHERE app = 'demo' AND env = 'production' AND name = 'B'",
+        "secret B of demo/production is at version 1, but no record of it is stored"),
+    "deleted head": (
+        "DELETE FROM heads WHERE app = 'demo' AND env = 'production'",
+        "demo/production holds secrets but has no head"),
+    "head of another env": (
+        "UPDATE heads SET head = (SELECT head FROM heads WHERE env = 'staging') "
+        "WHERE app = 'demo' AND env = 'production'",
+        "head of demo/production: decryption failed"),
+    "head of another app": (
+        "UPDATE heads SET head = (SELECT head FROM heads WHERE app = 'other') "
+        "WHERE app = 'demo' AND env = 'production'",
+        "head of demo/production: decryption failed"),
+}
+
+
+@pytest.mark.parametrize("statement,message", TAMPERINGS.values(), ids=list(TAMPERINGS))
+def test_records_that_disagree_with_the_head_are_integrity_errors(built, statement,
+                                                                  message):
+    found = reveal_every_env(tamper(built, lambda db: db.execute(statement)), built)
+    error = found["demo", "production"]
+    assert isinstance(error, IntegrityError) and message in str(error), error
+    assert str(error).endswith(": the vault file was tampered with") or \
+        "decryption failed" in str(error)
+    assert SENTINEL not in str(error)
+    for key in CONTENT:               # the other environments read as they were
+        if key != ("demo", "production"):
+            assert found[key] == digests(CONTENT[key]), key
+
+
+def test_an_older_record_of_the_current_version_is_refused(built):
+    """Versions start again at 1 after a delete: the head pins the very record (a
+    digest of its ciphertext), so the deleted secret's old version 1, put back from
+    an earlier copy, is not served in place of the new version 1."""
+    path = fresh_copy(built)
+    old = sqlite3.connect(path).execute(
+        "SELECT wrapped_dek, ciphertext FROM secrets WHERE app = 'demo' AND "
+        "env = 'staging' AND name = 'A'").fetchone()
+    vault = Vault.open(str(path))
+    keyring = vault.unlock_key(built.kek)
+    vault.delete_secret(keyring, "demo", "staging", "A")
+    assert vault.set_secrets(keyring, "demo", "staging", {"A": b"new"}) == {"A": 1}
+    vault.store.close()
+    write_sql(path, "UPDATE secrets SET wrapped_dek = X'%s', ciphertext = X'%s' WHERE "
+                "app = 'demo' AND env = 'staging'" % (old[0].hex(), old[1].hex()))
+    error = reveal_every_env(path, built)["demo", "staging"]
+    assert isinstance(error, IntegrityError), error
+    assert "secret A of demo/staging is at version 1, but its record of that version " \
+        "is not the one written" in str(error)
+
+
+def test_rotation_reseals_heads_and_refuses_an_env_without_one(built, vault_dump):
+    path = fresh_copy(built)
+    vault = Vault.open(str(path))
+    vault.rotate_app_key(vault.unlock_key(built.kek), "demo")
+    vault.store.close()
+    assert reveal_every_env(path, built) == {k: digests(v) for k, v in CONTENT.items()}
+    write_sql(path, "DELETE FROM heads WHERE env = 'staging'")
+    before = vault_dump(path)
+    vault = Vault.open(str(path))
+    with pytest.raises(IntegrityError, match="demo/staging holds secrets but has no head"):
+        vault.rotate_app_key(vault.unlock_key(built.kek), "demo")
+    vault.store.close()
+    assert vault_dump(path) == before
+
+
+def test_a_scoped_key_revoked_while_unlocked_is_an_auth_error(vault_path, built):
+    """A long-running agent's scoped key: after a rotation, it reads nothing (an
+    auth error, not a tampered vault) and writes nothing under the old key."""
+    vault = Vault.open(str(vault_path))
+    scoped = vault.unlock_key(built.scoped["demo"], "demo")
+    other = Vault.open(str(vault_path))
+    other.rotate_app_key(other.unlock_key(built.kek), "demo")
+    other.store.close()
+    for action in (lambda: vault.reveal(scoped, "demo", "production"),
+                   lambda: vault.set_secrets(scoped, "demo", "production", {"A": b"x"})):
+        with pytest.raises(AuthError, match="no longer unlocks app 'demo'"):
+            action()
+    vault.store.close()
+
+
+VALUES = st.binary(max_size=12).map(lambda value: value.replace(b"\0", b"0"))
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(["production", "staging"]),
+              st.sampled_from("ABN"), VALUES),
+    st.tuples(st.just("delete"), st.sampled_from(["production", "staging"]),
+              st.sampled_from("ABN")),
+    st.tuples(st.just("rotate"))), max_size=8)
+TABLES = ("secrets", "heads", "envs", "apps", "meta")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations=OPERATIONS, data=st.data())
+def test_writes_read_back_and_a_deleted_row_never_serves_a_stale_value(built, operations,
+                                                                       data):
+    """Any sequence of sets, deletes and rotations reads back exactly; then deleting
+    any one row of the file leaves every environment reading exactly what was last
+    written, or refusing (IntegrityError; NotFoundError when the row was the app or
+    environment itself): never an older value."""
+    path = fresh_copy(built)
+    model = {key: dict(values) for key, values in CONTENT.items()}
+    vault = Vault.open(str(path))
+    try:
+        keyring = vault.unlock_key(built.kek)
+        for operation in operations:
+            if operation[0] == "set":
+                _, env, name, value = operation
+                vault.set_secrets(keyring, "demo", env, {name: value})
+                model["demo", env][name] = value
+            elif operation[0] == "delete" and operation[2] in model["demo", operation[1]]:
+                vault.delete_secret(keyring, "demo", *operation[1:])
+                del model["demo", operation[1]][operation[2]]
+            elif operation[0] == "delete":
+                with pytest.raises(NotFoundError):
+                    vault.delete_secret(keyring, "demo", *operation[1:])
+            else:
+                vault.rotate_app_key(keyring, "demo")
+        for key, values in model.items():
+            assert digests(vault.reveal(keyring, *key)) == digests(values), key
+    finally:
+        vault.store.close()
+    db = sqlite3.connect(path)
+    table = data.draw(st.sampled_from(TABLES), "table")
+    rowids = [rowid for (rowid,) in db.execute(f"SELECT rowid FROM {table}")]
+    rowid = data.draw(st.sampled_from(rowids), "row") if rowids else None
+    db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+    db.commit()
+    db.close()
+    try:
+        found = reveal_every_env(path, built)
+    except IntegrityError:
+        assert table == "meta"
+        event("a row of meta deleted: the vault does not open")
+        return
+    for key, values in model.items():
+        if isinstance(found[key], NotFoundError):
+            assert table in ("apps", "envs"), (table, found[key])
+        elif not isinstance(found[key], IntegrityError):
+            assert found[key] == digests(values), (key, table)
+    event(f"a row of {table} deleted: "
+          f"{sum(isinstance(r, IntegrityError) for r in found.values())} env(s) refused")
+
+
+# -- format 1 (before heads) and its upgrade --------------------------------------
+
+
+def test_a_format_1_vault_is_refused_until_upgraded_then_reads_every_way(built,
+                                                                         vault_dump):
+    path = as_format_1(fresh_copy(built), built.kek)
+    before = vault_dump(path)
+    vault = Vault.open(str(path))
+    for action in (lambda: vault.unlock(PASSWORD.encode()),
+                   lambda: vault.unlock_key(built.kek),
+                   lambda: vault.unlock_key(built.scoped["demo"], "demo"),
+                   lambda: vault.create_env("demo", "new"),
+                   lambda: vault.delete_env("demo", "staging"),
+                   lambda: vault.delete_app("other")):
+        with pytest.raises(OutdatedVaultError) as caught:
+            action()
+        assert caught.value.exit_code == 1        # an old vault is not a corrupt one
+        assert str(caught.value).endswith(
+            f"upgrade it once with 'ov auth upgrade --vault {path}' (with the master "
+            "password or an unscoped machine key)")
+    assert [r.name for r in vault.list_apps()] == list(APPS)   # listing needs no key
+    vault.store.close()
+    assert vault_dump(path) == before
+    upgrading = Vault.open(str(path), upgrading=True)
+    with pytest.raises(AuthError, match="needs the master password or an unscoped"):
+        upgrading.unlock_key(built.scoped["demo"], "demo")
+    assert upgrading.upgrade(upgrading.unlock(PASSWORD.encode())) is True
+    assert upgrading.upgrade(upgrading.unlock_key(built.kek)) is False
+    upgrading.store.close()
+    # every way reads what it read before, scoped machine keys included
+    assert read_every_way(path, built) == {way: expected(way) for way in WAYS}
+    write_sql(path, "DELETE FROM secrets WHERE app = 'demo' AND name = 'C'")
+    assert isinstance(reveal_every_env(path, built)["demo", "production"],
+                      IntegrityError)
+
+
+def test_an_upgrade_takes_only_records_that_decrypt(built, vault_dump):
+    def flip(db):
+        (row,) = db.execute("SELECT MIN(rowid) FROM secrets WHERE app = 'other'").fetchone()
+        blob = Blob("secrets", "ciphertext", row, "ciphertext", "other")
+        value = get_blob(db, blob)
+        put_blob(db, blob, value[:-1] + bytes([value[-1] ^ 1]))
+
+    path = as_format_1(tamper(built, flip), built.kek)
+    before = vault_dump(path)
+    vault = Vault.open(str(path), upgrading=True)
+    with pytest.raises(IntegrityError, match="decryption failed"):
+        vault.upgrade(vault.unlock_key(built.kek))
+    vault.store.close()
+    assert vault_dump(path) == before
+
+
+def test_writing_format_1_back_never_gets_rid_of_the_heads(built, vault_dump):
+    """Fail closed: format 1 with a heads table is not ov's schema; without it, each
+    app's key check says it was upgraded, so it is not upgraded again (which would
+    take a row deleted meanwhile for the current version)."""
+    path = set_meta(built, "schema_version", 1)
+    with pytest.raises(IntegrityError, match=r"not that of an ov vault of format 1 "
+                                             r"\(table 'heads' is not ov's"):
+        Vault.open(str(path))
+    write_sql(path, "DROP TABLE heads",
+                "DELETE FROM secrets WHERE app = 'demo' AND env = 'production' AND "
+                "name = 'A'")
+    before = vault_dump(path)
+    vault = Vault.open(str(path), upgrading=True)
+    with pytest.raises(IntegrityError, match="app 'demo' already has heads, yet the "
+                                             "vault says format 1"):
+        vault.upgrade(vault.unlock_key(built.kek))
+    vault.store.close()
+    assert vault_dump(path) == before
 
 
 # -- key hierarchy, scope and rotation --------------------------------------------
@@ -419,6 +710,24 @@ def test_scoped_keyring_reaches_only_its_app(vault_path, built):
         with pytest.raises(AuthError):
             action()
     assert vault.machine_key(keyring, "demo") == built.scoped["demo"]
+
+
+def test_a_keyring_keeps_no_app_key_it_unwrapped(vault_path, built):
+    """The agent's keyring lives as long as the agent: an app key unwrapped for one
+    request must not stay in it (docs/security.rst, "Key material in memory")."""
+    vault = Vault.open(str(vault_path))
+    keyring = vault.unlock_key(built.kek)
+    app_key = built.scoped["demo"]
+    assert keyring.app_key("demo") == app_key
+    vault.reveal(keyring, "demo", "production")
+
+    def holds(value):
+        if isinstance(value, dict):
+            return any(holds(part) for item in value.items() for part in item)
+        if isinstance(value, (tuple, list, set)):
+            return any(holds(part) for part in value)
+        return isinstance(value, (bytes, bytearray, memoryview)) and value == app_key
+    assert not any(holds(value) for value in vars(keyring).values())
 
 
 def test_unscoped_machine_key_is_the_kek(vault_path, built):

@@ -2,13 +2,20 @@
 fixed MESSAGE_ID each (units/ov-agent.catalog explains them), else one line on
 stderr.  Callers pass only names and numbers: never a value, a key or a MAC.
 
-The journal sender is a parameter, so that tests capture records without journald
-(as python-systemd's own tests do).
+Every text that reaches a record is escaped (control characters, line separators,
+backslashes), so that a caller's argv[0] or a quoted piece of a bad request cannot
+forge a line of a text log, nor of ``journalctl -x``'s catalog text.  Denials are
+counted per uid and reason (Denials) so that no client can flood the journal.
+
+The journal sender and the clock are parameters, so that tests capture records
+without journald (as python-systemd's own tests do).
 """
 
 import errno
 import os
 import sys
+import threading
+import time
 
 # One fixed MESSAGE_ID per audit event kind (see units/ov-agent.catalog).
 MESSAGE_IDS = {
@@ -22,6 +29,11 @@ MESSAGE_IDS = {
     "unconfigured": "a553112588694f158a83055a88dbd802",
 }
 PRIORITY = {"denied": 4, "unconfigured": 3}  # warning, error; others are info (6)
+DENIAL_INTERVAL = 5.0     # seconds over which repeated denials make one record
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, backslash.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
+_ESCAPES.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
+                 0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"})
 
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -35,7 +47,8 @@ class Audit:
 
     def event(self, kind, message, **fields):
         """Record one event; False if no sink (journal, then stderr) took it."""
-        fields = {key.upper(): _field(value) for key, value in fields.items()
+        message = escaped(message)
+        fields = {key.upper(): escaped(_field(value)) for key, value in fields.items()
                   if value is not None}
         if self._send is not None:
             try:
@@ -52,6 +65,55 @@ class Audit:
             return True
         except (OSError, ValueError):
             return False
+
+
+class Denials:
+    """Denials, recorded so that no client can flood the journal or drown other
+    records: the first denial of a uid for one reason (code) is recorded in full,
+    the next ones within *interval* seconds are only counted, and one record sums
+    them up (REPEATED=N) once the interval is over (flush(), or the next denial)."""
+
+    def __init__(self, audit, interval=DENIAL_INTERVAL, clock=time.monotonic):
+        self.audit, self.interval, self._clock = audit, interval, clock
+        self._windows = {}          # (uid, code) -> [end, repeated, last reason]
+        self._lock = threading.Lock()
+
+    def record(self, message, code, reason, peer_fields, **fields):
+        key, now = (peer_fields["peer_uid"], code), self._clock()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and now < window[0]:
+                window[1] += 1
+                window[2] = reason
+                return
+            self._windows[key] = [now + self.interval, 0, reason]
+        if window is not None:
+            self._sum_up(key, window)
+        self.audit.event("denied", message, code=code, reason=reason, **peer_fields,
+                         **fields)
+
+    def flush(self, everything=False):
+        """Sum up every interval that is over (all of them when the agent stops)."""
+        now = self._clock()
+        with self._lock:
+            ended = [(key, window) for key, window in self._windows.items()
+                     if everything or now >= window[0]]
+            for key, _ in ended:
+                del self._windows[key]
+        for key, window in ended:
+            self._sum_up(key, window)
+
+    def _sum_up(self, key, window):
+        (uid, code), (_, repeated, reason) = key, window
+        if repeated:
+            self.audit.event("denied", f"{repeated} more request(s) of uid {uid} denied "
+                             f"({code}) within {self.interval:g} s", code=code,
+                             reason=reason, repeated=repeated, peer_uid=uid)
+
+
+def escaped(text):
+    """*text* on one line, unambiguous: control characters as backslash escapes."""
+    return text.translate(_ESCAPES)
 
 
 def _field(value):

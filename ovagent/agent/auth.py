@@ -58,19 +58,21 @@ class KeyState:
     """What the agent can decrypt with, and how it checks request MACs."""
 
     def __init__(self, vault=None, keyring=None, mode="unconfigured", reason=None,
-                 key=None):
+                 subkey=None):
+        """subkey: the MAC subkey of the agent's own key (a view of the locked page)."""
         self.vault, self.keyring, self.mode, self.reason = vault, keyring, mode, reason
         self.scope = keyring.scope if keyring else None
-        self._own_subkey = protocol.mac_key(key.get()) if key else None
-        self._app_subkeys = {}
+        self._own_subkey = subkey
         self.lock = threading.Lock()   # the vault's SQLite connection is not shared-safe
 
     def verifying_subkey(self, req, app):
         """The MAC key that verifies *req* for *app*, or None: the agent's own key,
         else (when the agent holds the KEK) that app's key (a scoped machine key),
-        looked up only when the own key does not verify."""
-        if self._own_subkey and protocol.mac_matches(self._own_subkey, req):
-            return self._own_subkey
+        unwrapped and derived only when the own key does not verify, and dropped with
+        the request (no long-lived copy)."""
+        own = self._own_subkey
+        if own is not None and protocol.mac_matches(own, req):
+            return own
         if self.keyring is None or self.keyring.kek is None:
             return None
         with self.lock:
@@ -78,9 +80,7 @@ class KeyState:
                 app_key = self.keyring.app_key(app)
             except (NotFoundError, UsageError):   # no such app, or not a valid name
                 return None
-            if self._app_subkeys.get(app, (None,))[0] != app_key:
-                self._app_subkeys[app] = (app_key, protocol.mac_key(app_key))
-            subkey = self._app_subkeys[app][1]
+        subkey = protocol.mac_key(app_key)
         return subkey if protocol.mac_matches(subkey, req) else None
 
 

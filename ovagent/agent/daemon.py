@@ -7,13 +7,13 @@ import signal
 import socket
 import stat
 
-from ..core import files, keyfile, paths, unlock
-from ..core.errors import NotFoundError, OvError, UsageError, warn
+from ..core import files, keyfile, paths, protocol, unlock
+from ..core.errors import NotFoundError, OutdatedVaultError, OvError, UsageError, warn
 from ..core.procfs import process_cgroups
 from ..core.vault import Vault
 from .audit import JOURNAL_SOCKET, Audit, journal_available, journal_sender
 from .auth import KeyState
-from .secmem import LockedKey, harden_process
+from .secmem import LockedPage, harden_process, wipe
 from .server import Server
 from .spawn import Spawner
 from .state import AgentState
@@ -42,8 +42,9 @@ class Unconfigured(Exception):
 
 
 def load_keys(machine_key, vault_path, app, systemd, system):
-    """Unlock the vault for the agent: (vault, keyring, mode, key bytes).  Under
-    systemd with nothing to unlock with, raise Unconfigured (the reason)."""
+    """Check that the key unlocks the vault: (vault, mode, key material in a bytearray
+    that start() copies to the locked page and wipes).  Under systemd with nothing to
+    unlock with, raise Unconfigured (the reason)."""
     key_path = keyfile.find(machine_key)
     if key_path is None and (systemd or not os.isatty(0)):
         if systemd:
@@ -51,18 +52,29 @@ def load_keys(machine_key, vault_path, app, systemd, system):
         raise UsageError("no machine key: pass --machine-key PATH, provide the systemd "
                          "credential machine.kek, or start on a terminal to unlock with "
                          "the master password")
-    key = keyfile.read_key(key_path) if key_path else None
+    material = bytearray(keyfile.KEY_LEN + 1)
+    key = keyfile.read_key(key_path, into=material) if key_path else None
     try:
         vault = Vault.open(vault_path or paths.vault_path(system))
-    except NotFoundError as exc:
+        vault.require_current()
+    except (NotFoundError, OutdatedVaultError) as exc:
         if systemd:
             raise Unconfigured(str(exc)) from None
         raise
     if key is not None:
-        keyring = vault.unlock_key(key, app)
-        return vault, keyring, "machine-key" if keyring.kek else "scoped-key", key
-    keyring = unlock.unlock(vault, instead="--machine-key PATH")
-    return vault, keyring, "interactive", keyring.kek
+        return vault, "machine-key" if vault.unlock_key(key, app).kek else "scoped-key", \
+            material
+    # The KEK unwrapped from the password is a bytes object: it cannot be wiped.
+    material[:keyfile.KEY_LEN] = unlock.unlock(vault, instead="--machine-key PATH").kek
+    return vault, "interactive", material
+
+
+def lock_keys(page, vault, material, app):
+    """Move the key material to the locked page (and wipe it where it was): the
+    keyring and the MAC subkey then work from views of the page."""
+    key = page.hold(memoryview(material)[:keyfile.KEY_LEN])
+    wipe(material)
+    return vault.unlock_key(key, app), page.hold(protocol.mac_key(key))
 
 
 # -- the socket ----------------------------------------------------------------
@@ -142,11 +154,10 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
     hardening = harden_process()
     systemd = under_systemd()
     try:
-        vault_obj, keyring, mode, raw_key = load_keys(machine_key, vault, app, systemd,
-                                                      system)
+        vault_obj, mode, material = load_keys(machine_key, vault, app, systemd, system)
         reason = None
     except Unconfigured as exc:
-        vault_obj, keyring, mode, raw_key, reason = None, None, "unconfigured", None, str(exc)
+        vault_obj, mode, material, reason = None, "unconfigured", None, str(exc)
     listener = inherited_listener() if systemd else None
     created = None
     if listener is None:
@@ -155,17 +166,20 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
         pid_file = pid_file or paths.pid_file(socket_path)
     ready_w = None if foreground or systemd else _detach()
     # Locked after detaching: the page is wiped in forked children (secmem).
-    key = LockedKey(raw_key) if raw_key is not None else None
+    page = LockedPage()
+    keyring = subkey = None
+    if material is not None:
+        keyring, subkey = lock_keys(page, vault_obj, material, app)
     journal = journal_available() or (ready_w is not None and os.path.exists(JOURNAL_SOCKET))
     audit = Audit(journal_sender() if journal else None)
     try:
         if pid_file:
             _write_pid_file(pid_file, ready_w)
-        state = AgentState(KeyState(vault_obj, keyring, mode, reason, key),
+        state = AgentState(KeyState(vault_obj, keyring, mode, reason, subkey),
                            default_app=app, all_users=system, audit=audit)
         server = Server(listener, state, Spawner(state, **_given(grace=grace)),
                         **_given(max_clients=max_clients, drain=drain))
-        _announce(audit, state, socket_path, hardening + (key.protections if key else []))
+        _announce(audit, state, socket_path, hardening + page.protections)
         _report(ready_w, "ok")
         return server.serve()
     finally:
@@ -173,8 +187,7 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
             _remove_if_ours(socket_path, created)
         if pid_file:
             _remove_pid_file(pid_file)
-        if key is not None:
-            key.close()
+        page.close()
 
 
 def _given(**options):

@@ -1,10 +1,11 @@
 """Best-effort protection of the agent's key material in memory.
 
-The master copy of the machine key lives on a private anonymous page that is locked
-(no swap), excluded from core dumps and wiped in forked children; the process is made
-non-dumpable (no core files, no ptrace or /proc/PID/mem by same-uid processes).  Keys
-derived from it inside OpenSSL/Python objects are ordinary heap memory: this narrows
-exposure, it does not remove it (docs/security.rst).
+The machine key and its MAC subkey live only on a private anonymous page that is
+locked (no swap), excluded from core dumps and wiped in forked children; the process
+is made non-dumpable (no core files, no ptrace or /proc/PID/mem by same-uid
+processes).  What a request derives from them (app key, DEKs, seal keys) is ordinary,
+short-lived heap memory: this narrows exposure, it does not remove it
+(docs/security.rst, "Key material in memory", lists every copy).
 """
 
 import ctypes
@@ -36,13 +37,16 @@ def harden_process():
     return held
 
 
-class LockedKey:
-    """A key kept on a locked, no-dump, wipe-on-fork page; wiped by close()."""
+class LockedPage:
+    """Keys kept on one private anonymous page: locked (no swap), left out of core
+    dumps, wiped in forked children, and wiped by close().  hold() copies key material
+    in and returns a read-only view of it, which cryptography and hmac.digest() take
+    as they take bytes: the agent's long-lived keys exist only here."""
 
-    def __init__(self, key):
-        self.size = len(key)
+    def __init__(self):
         self._page = mmap.mmap(-1, mmap.PAGESIZE,
                                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._used = 0
         self.protections = []
         for name, advice in MADV_ADVICE.items():
             try:
@@ -50,18 +54,31 @@ class LockedKey:
                 self.protections.append(name)
             except OSError:
                 pass
-        self._buffer = (ctypes.c_char * mmap.PAGESIZE).from_buffer(self._page)
-        if _libc.mlock(ctypes.c_void_p(ctypes.addressof(self._buffer)),
-                       ctypes.c_size_t(mmap.PAGESIZE)) == 0:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
+        if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(mmap.PAGESIZE)) == 0:
             self.protections.append("mlock")
-        self._page[:self.size] = key
 
-    def get(self):
-        return bytes(self._page[:self.size])
+    def hold(self, material):
+        """A read-only view of a copy of *material* on the page."""
+        start, end = self._used, self._used + len(material)
+        if end > mmap.PAGESIZE:
+            raise ValueError("the locked page is full")
+        self._page[start:end] = material
+        self._used = end
+        return memoryview(self._page)[start:end].toreadonly()
 
     def close(self):
+        """Wipe the page.  Views of it may still be referenced (keyring, cipher
+        objects) while the agent exits: then the mapping goes with the process."""
         if self._page is not None:
-            self._page[:self.size] = bytes(self.size)
-            del self._buffer
-            self._page.close()
+            self._page[:] = bytes(mmap.PAGESIZE)
+            try:
+                self._page.close()
+            except BufferError:
+                pass
             self._page = None
+
+
+def wipe(buffer):
+    """Zero a bytearray that held key material (bytes objects cannot be wiped)."""
+    buffer[:] = bytes(len(buffer))

@@ -12,6 +12,7 @@ handles signals: on SIGTERM it stops accepting, finishes what it has read, waits
 to --drain seconds for spawned commands, then detaches from them.
 """
 
+import collections
 import errno
 import os
 import selectors
@@ -31,6 +32,7 @@ from .systemd import Notifier
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_DRAIN = 30.0          # seconds SIGTERM waits for requests and spawned commands
 ACCEPT_PAUSE = 0.1            # seconds the listener rests after EMFILE
+ACCEPT_BATCH = 16             # connections accepted per wake-up of the listener
 OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -107,7 +109,8 @@ class SignalPipe:
 class Listener:
     """The listening socket in the selector: polled, resting for a moment after the
     agent ran out of descriptors (instead of spinning; queued clients wait in the
-    backlog), or withdrawn while the agent stops."""
+    backlog), or withdrawn while the agent stops.  It accepts one connection at a
+    time, with its peer's credentials."""
 
     def __init__(self, sock, selector):
         self.sock, self.selector = sock, selector
@@ -130,6 +133,50 @@ class Listener:
         if self.resting_until is not None and now >= self.resting_until:
             self.resting_until = None
             self.poll(not stopping)
+
+    def accepted(self):
+        """(socket, Peer) of each new connection, a few at a time: a queue full of
+        connections to refuse empties faster, and those admitted still get their
+        turn."""
+        for _ in range(ACCEPT_BATCH):
+            connection = self.accept() if self.polled else None
+            if connection is None:
+                return
+            yield connection
+
+    def accept(self):
+        """(socket, Peer) of a new connection, or None: none was waiting, it is gone
+        already, or the agent is out of descriptors (then the listener rests)."""
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if exc.errno not in OUT_OF_DESCRIPTORS:
+                raise
+            self.rest()
+            return None
+        try:
+            return sock, Peer(sock)   # SO_PEERCRED and a pidfd before reading any byte
+        except Exception:             # gone already, or /proc unreadable: nobody to serve
+            sock.close()
+            return None
+
+
+def giving_way(connections, uid):
+    """At capacity, the connection that makes room for a request of *uid*, or None:
+    the oldest of those still sending their request from the uid that holds the most
+    of them, if that is another uid holding at least two more.  So no uid keeps
+    another out by holding every slot, while one uid alone may use them all."""
+    waiting = [conn for conn in connections if not conn.answered]
+    held = collections.Counter(conn.peer.uid for conn in waiting)
+    if not held:
+        return None
+    hog, most = held.most_common(1)[0]
+    if hog == uid or most < held[uid] + 2:
+        return None
+    return min((conn for conn in waiting if conn.peer.uid == hog),
+               key=lambda conn: conn.deadline)
 
 
 class Server:
@@ -163,17 +210,21 @@ class Server:
                 self._close(conn)
             self.selector.close()
             self._signals.close()
+            self.state.denials.flush(everything=True)
         left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
         self.spawner.finish(max(0.0, left))
         return 0
 
     def _loop(self):
-        next_watchdog = time.monotonic()
+        next_watchdog = next_summary = time.monotonic()
         while self._stop_at is None or self.connections:
             now = time.monotonic()
             if self.notifier.watchdog_interval and now >= next_watchdog:
                 self.notifier.watchdog()
                 next_watchdog = now + self.notifier.watchdog_interval
+            if now >= next_summary:
+                self.state.denials.flush()
+                next_summary = now + 1.0
             self.listener.wake(now, stopping=self._stop_at is not None)
             for key, events in self.selector.select(self._timeout(now)):
                 try:
@@ -205,8 +256,8 @@ class Server:
         if key.data == "signal":
             self._on_signals()
         elif key.data == "accept":
-            if self.listener.polled and not self._accept():
-                self.listener.rest()
+            for sock, peer in self.listener.accepted():
+                self._admit(sock, peer)
         elif key.data in self.connections:
             if events & WRITE:
                 self._flush(key.data)
@@ -240,36 +291,34 @@ class Server:
     def _active(self):
         return len(self.connections) + self.spawner.running()
 
-    def _accept(self):
-        """Accept one connection.  False when out of file descriptors."""
-        try:
-            sock, _ = self.listener.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError as exc:
-            if exc.errno in OUT_OF_DESCRIPTORS:
-                return False
-            raise
-        try:
-            peer = Peer(sock)   # SO_PEERCRED and a pidfd before reading any byte
-        except Exception:       # gone already, or /proc unreadable: nobody to serve
-            sock.close()
-            return True
+    def _admit(self, sock, peer):
+        """Serve a new connection, or refuse it at once (uid not served, or busy)."""
         why = self.state.admits(peer)
         code = protocol.E_PEER
-        if why is None and self._active() >= self.max_clients:
+        if why is None and self._active() >= self.max_clients and \
+                not self._make_room_for(peer.uid):
             self.state.count("busy")
             code, why = protocol.E_BUSY, (f"agent busy: {self.max_clients} requests "
                                           "already running")
         if why is not None:
             refuse_and_close(self.state, sock, peer, ProtocolError(code, why))
-            return True
+            return
         sock.setblocking(False)
-        conn = Connection(sock, peer, time.monotonic() + protocol.FRAME_TIMEOUT)
+        conn = Connection(sock, peer, time.monotonic() + protocol.REQUEST_TIMEOUT)
         self.connections.add(conn)
         self.selector.register(sock, READ | WRITE, conn)
         self._flush(conn)
-        return True
+
+    def _make_room_for(self, uid):
+        """Answer 'busy' to the connection that gives way to *uid* (it may retry);
+        True once its slot is free."""
+        victim = giving_way(self.connections, uid)
+        if victim is None:
+            return False
+        self.state.count("busy")
+        self._refuse(victim, ProtocolError(protocol.E_BUSY, "agent busy: making room "
+                                           "for another user's request; retry"))
+        return victim not in self.connections
 
     def _read(self, conn):
         try:

@@ -13,7 +13,7 @@ from ..core.errors import AuthError, NotFoundError, OvError, UsageError
 from ..core.procfs import process_cgroups
 from ..core.protocol import ProtocolError
 from ..core.validate import DEFAULT_APP, DEFAULT_ENV
-from .audit import Audit
+from .audit import Audit, Denials
 from .auth import NonceCache
 
 
@@ -27,6 +27,7 @@ class AgentState:
         self.default_app = default_app or keys.scope or DEFAULT_APP
         self.all_users = all_users
         self.audit = audit or Audit()
+        self.denials = Denials(self.audit)
         self.clock = clock
         self.uid = os.geteuid()
         self.own_cgroup = process_cgroups(os.getpid())[1]
@@ -57,8 +58,8 @@ class AgentState:
             code, message, status = (protocol.E_INTERNAL,
                                      f"internal error ({type(exc).__name__})", None)
         self.count("denied")
-        self.audit.event("denied", f"request denied: {message}", code=code, reason=message,
-                         **peer.fields(), **fields)
+        self.denials.record(f"request denied: {message}", code, message, peer.fields(),
+                            **fields)
         return protocol.error_frame(code, message, status)
 
     def status(self):

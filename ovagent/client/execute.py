@@ -12,13 +12,16 @@ from ..core.errors import ExecError, UsageError
 from . import config, talk
 
 
+RUN_TAKES = ("app", "env", "secrets")
+
+
 def run_with_agent(command, *, socket=None, machine_key=None, app=None, env=None,
                    secrets=None, vault=None, spawn=False):
     """``ov run --agent``: exec the command with the secrets the agent released, or
     (--spawn) return the exit status of the command the agent ran."""
     if vault:
         raise UsageError("--vault is the agent's business; it cannot go with --agent")
-    target = config.resolve(app, env, secrets)
+    target = config.resolve(app, env, secrets, takes=RUN_TAKES)
     where = dict(socket_path=socket or paths.client_socket(),
                  key=talk.find_key(machine_key), app=target.app, env=target.env,
                  secrets=target.secrets)
@@ -34,7 +37,7 @@ def run_with_vault(command, *, machine_key=None, app=None, env=None, secrets=Non
     from ..core import unlock          # the vault's cryptography: not on the agent path
     from ..core.vault import Vault
 
-    target = config.resolve(app, env, secrets, vault=True)
+    target = config.resolve(app, env, secrets, vault=True, takes=RUN_TAKES)
     opened = Vault.open(vault or paths.vault_path())
     keyring = unlock.unlock(opened, machine_key=machine_key, app=target.app,
                             instead="--machine-key")

@@ -18,6 +18,7 @@ import stat
 
 import _signal
 import _socket
+import _struct
 
 from ..core import keyfile, paths, protocol, seal
 from ..core.errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE,
@@ -55,15 +56,23 @@ def connect(path):
         raise AgentError(f"agent socket {path} is owned by uid {st.st_uid}, "
                          "neither you nor root; refusing to talk to it")
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    sock.settimeout(CONNECT_TIMEOUT)
+    # A blocking connect waits for room in a full listen queue (a busy or starting
+    # agent), up to SO_SNDTIMEO; with a timeout, Python's would fail at once (EAGAIN).
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO,
+                    _struct.pack("@ll", int(CONNECT_TIMEOUT), 0))
     try:
         sock.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         raise AgentError(_not_running(path, "connection refused")) from None
+    except BlockingIOError:
+        sock.close()
+        raise AgentError(f"the agent at {path} accepted no connection for "
+                         f"{CONNECT_TIMEOUT:g} s (its queue stayed full)") from None
     except OSError as exc:
         sock.close()
         raise AgentError(f"cannot connect to agent at {path}: {exc.strerror}") from None
+    sock.settimeout(CONNECT_TIMEOUT)
     return sock
 
 

@@ -61,6 +61,10 @@ class AgentError(OvError):
     exit_code = EXIT_AGENT
 
 
+class OutdatedVaultError(OvError):
+    """A vault of an older format, which 'ov auth upgrade' brings up to date."""
+
+
 class ExecError(OvError):
     """The command could not be started (126) or was not found (127)."""
 

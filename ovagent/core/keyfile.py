@@ -18,8 +18,10 @@ CREDENTIAL_NAME = "machine.kek"
 NO_KEY_PLACEHOLDER = b"none"
 
 
-def read_key(path):
-    """Read and check a machine key file; raise UsageError naming the problem."""
+def read_key(path, into=None):
+    """Read and check a machine key file: its bytes, or (*into*: a bytearray of
+    KEY_LEN + 1 bytes that the caller wipes) a view of them in *into*, so that the
+    agent keeps no copy it cannot wipe.  Raise UsageError naming the problem."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
@@ -37,13 +39,14 @@ def read_key(path):
             raise UsageError(f"machine key {path} has mode "
                              f"{stat.S_IMODE(st.st_mode):04o}; it must be 0600 or 0400 "
                              f"(chmod 600 {path})")
-        data = os.read(fd, KEY_LEN + 1)
+        buffer = bytearray(KEY_LEN + 1) if into is None else into
+        size = os.readv(fd, [buffer])
     finally:
         os.close(fd)
-    if len(data) != KEY_LEN:
+    if size != KEY_LEN:
         raise UsageError(f"machine key {path} must be exactly {KEY_LEN} bytes, "
-                         f"not {'more' if len(data) > KEY_LEN else len(data)}")
-    return data
+                         f"not {'more' if size > KEY_LEN else size}")
+    return bytes(buffer[:KEY_LEN]) if into is None else memoryview(into)[:KEY_LEN]
 
 
 def find(machine_key=None, *, default=False):

@@ -4,13 +4,28 @@ name, version), so that a blob moved to another place in the vault, or to anothe
 vault, fails to open instead of decrypting as something else.
 
     PWK --wraps--> KEK --wraps--> app key --wraps--> DEK --encrypts--> value
+                                          --seals--> head of each environment
 
-Check blobs (an empty plaintext under a key) tell which key a machine key is.
+Check blobs (an empty plaintext under a key) tell which key a machine key is.  A head
+lists the current version of every secret of an environment, with a digest of that
+version's ciphertext, sealed under the app key: a deleted, older, injected or swapped
+record then disagrees with it (vault.py checks that every read agrees).
+
+The key check of an app also says that its vault keeps heads (format 2): its
+associated data differs from format 1's, so a vault whose format is written back to
+1 (to get rid of the heads) still shows that it was upgraded (upgrade_app refuses).
 """
 
-from . import crypto
+import hashlib
+
+from . import canonical, crypto
 from .errors import AuthError, IntegrityError
 from .store import AppRecord
+from .validate import is_name
+
+APP_CHECK = "app-check+heads"       # format 2
+APP_CHECK_FORMAT_1 = "app-check"
+DIGEST_LEN = 32
 
 
 class KeyHierarchy:
@@ -53,13 +68,13 @@ class KeyHierarchy:
         record = AppRecord(name, b"", b"", generation, created)
         record.wrapped_key = crypto.encrypt(kek, key, self._aad("app-key", name,
                                                                  generation))
-        record.key_check = crypto.encrypt(key, b"", self._aad("app-check", name,
+        record.key_check = crypto.encrypt(key, b"", self._aad(APP_CHECK, name,
                                                                generation))
         return record, key
 
-    def is_app_key(self, key, record):
+    def is_app_key(self, key, record, kind=APP_CHECK):
         return self._opens(key, record.key_check,
-                           self._aad("app-check", record.name, record.generation))
+                           self._aad(kind, record.name, record.generation))
 
     def unwrap_app_key(self, kek, record):
         key = crypto.decrypt(kek, record.wrapped_key,
@@ -69,6 +84,26 @@ class KeyHierarchy:
             raise IntegrityError(f"key check of app {record.name!r} failed: the vault "
                                  "was tampered with")
         return key
+
+    def upgrade_app(self, kek, record):
+        """The key of a format-1 app, and its record with a format-2 key check.  An
+        app whose check is format 2 already was upgraded: its vault's format was
+        written back to 1, which only someone who edited the file does."""
+        key = crypto.decrypt(kek, record.wrapped_key,
+                             self._aad("app-key", record.name, record.generation),
+                             f"key of app {record.name!r}")
+        if self.is_app_key(key, record):
+            raise IntegrityError(
+                f"app {record.name!r} already has heads, yet the vault says format 1: "
+                "its format was written back and its heads removed; the vault file was "
+                "tampered with")
+        if not self.is_app_key(key, record, APP_CHECK_FORMAT_1):
+            raise IntegrityError(f"key check of app {record.name!r} failed: the vault "
+                                 "was tampered with")
+        check = crypto.encrypt(key, b"", self._aad(APP_CHECK, record.name,
+                                                    record.generation))
+        return key, AppRecord(record.name, record.wrapped_key, check, record.generation,
+                              record.created)
 
     # -- secrets -------------------------------------------------------------
 
@@ -95,3 +130,40 @@ class KeyHierarchy:
         dek = crypto.decrypt(old_key, record.wrapped_dek, associated,
                              f"key of secret {record.name}")
         return crypto.encrypt(new_key, dek, associated)
+
+    # -- heads ---------------------------------------------------------------
+
+    @staticmethod
+    def head_entry(record):
+        """What a head holds of a secret: (version, sha256 of its ciphertext).  The
+        digest pins the very record: versions start again at 1 after a delete."""
+        return record.version, hashlib.sha256(record.ciphertext).digest()
+
+    def seal_head(self, app_key, app, env, head):
+        """Seal *head* (name -> head_entry) of app/env under the app key."""
+        fields = []
+        for name in sorted(head):
+            fields += [name, *head[name]]
+        return crypto.encrypt(app_key, canonical.encode(*fields),
+                              self._aad("head", app, env))
+
+    def open_head(self, app_key, app, env, blob):
+        """The head (name -> (version, digest)) sealed in *blob* for app/env."""
+        plain = crypto.decrypt(app_key, blob, self._aad("head", app, env),
+                               f"head of {app}/{env}")
+        try:
+            fields = canonical.decode(plain)
+            if len(fields) % 3:
+                raise ValueError("not whole entries")
+            head, last = {}, ""
+            for i in range(0, len(fields), 3):
+                name, version, digest = (fields[i].decode("ascii"),
+                                         int(fields[i + 1]), fields[i + 2])
+                if (not is_name(name) or name <= last or version < 1
+                        or str(version).encode() != fields[i + 1]
+                        or len(digest) != DIGEST_LEN):
+                    raise ValueError("malformed entry")
+                head[name], last = (version, digest), name
+        except ValueError:   # UnicodeDecodeError is one
+            raise IntegrityError(f"head of {app}/{env} is malformed") from None
+        return head

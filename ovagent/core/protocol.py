@@ -38,6 +38,7 @@ MAX_FRAME = 1 << 20          # 1 MiB: argv + environment comfortably fit
 MAX_RELEASED = 3 << 20
 MAX_COMMAND = 4096           # bytes of argv[0]: a path (PATH_MAX), also audited
 FRAME_TIMEOUT = 10.0         # seconds for one whole frame to arrive
+REQUEST_TIMEOUT = 2.0        # seconds from the agent's accept to a whole request
 CLOCK_WINDOW = 30            # seconds a request's timestamp may differ from the agent's
 NONCE_BYTES = 16
 CHALLENGE_BYTES = 32
@@ -420,7 +421,9 @@ def mac_key(machine_key):
 
 
 def sign(subkey, req):
-    return hmac.new(subkey, signed_bytes(req), hashlib.sha256).hexdigest()
+    """hmac.digest(), unlike hmac.new(), takes the agent's key as a view of its locked
+    page (through OpenSSL); a client without OpenSSL passes bytes."""
+    return hmac.digest(subkey, signed_bytes(req), hashlib.sha256).hex()
 
 
 def mac_matches(subkey, req):

@@ -8,6 +8,17 @@ the KEK; a scoped one *is* an app key, so it cannot decrypt another app's DEKs: 
 enforced by cryptography, not by a policy check.  Rotating an app key re-wraps that
 app's DEKs and revokes every scoped machine key issued for it.  What wraps what, bound
 to what, is core/keys.py; this module keeps records and transactions around it.
+
+Each environment has a head, sealed under the app key: the current version of each
+of its secrets, and a digest of that version's ciphertext.  Every write of a secret
+rewrites it in the same transaction, and every read checks that the stored records
+are exactly the ones it names.  Someone who can write the vault file but holds no
+key can then delete, roll back, inject or swap single records only to make reads
+fail (IntegrityError), never to have an older value served; what remains is rolling
+a whole environment back to a state they copied earlier (docs/security.rst).
+
+A vault of format 1 has no heads: until 'ov auth upgrade' (upgrade()) it is refused
+for anything but listing, with a message naming that command.
 """
 
 import json
@@ -15,10 +26,15 @@ import os
 import time
 
 from . import crypto
-from .errors import AuthError, IntegrityError, NotFoundError, UsageError
+from .errors import (AuthError, IntegrityError, NotFoundError, OutdatedVaultError,
+                     OvError, UsageError)
 from .keys import KeyHierarchy
-from .store import SecretRecord, SqliteStore
+from .store import (KEY_CHECK_LEN, SCHEMA_VERSION, WRAPPED_KEY_LEN, SecretRecord,
+                    SqliteStore)
 from .validate import check_name, check_slug, check_value, is_dangerous_name
+
+VAULT_ID_LEN = 16
+
 
 class Keyring:
     """Unlocked key material: the KEK, or a single app's key (scoped machine key)."""
@@ -28,7 +44,6 @@ class Keyring:
         self.kek = kek
         self.scope = scope
         self._scoped_key = scoped_key
-        self._app_keys = {}   # app -> (its wrapped record, unwrapped key)
 
     def require_kek(self, action):
         if self.kek is None:
@@ -38,73 +53,74 @@ class Keyring:
         return self.kek
 
     def app_key(self, app):
+        """The key of *app* as the vault holds it now (a scoped key may have been
+        revoked by a rotation since it unlocked: a long-running agent's).  Unwrapped
+        for each call and not kept: the agent keeps no app key between requests
+        (docs/security.rst, "Key material in memory")."""
         if self.kek is None:
             if app != self.scope:
                 raise AuthError(
                     f"machine key is scoped to app {self.scope!r}, not {app!r}")
+            if not self._vault.keys.is_app_key(self._scoped_key, self._vault.get_app(app)):
+                raise AuthError(f"machine key no longer unlocks app {app!r} (revoked by "
+                                "'ov app rotate-key')")
             return self._scoped_key
-        record = self._vault.get_app(app)
-        wrapped = (record.generation, record.wrapped_key, record.key_check)
-        cached = self._app_keys.get(app)
-        if cached is None or cached[0] != wrapped:
-            # Memoised for the agent, which unwraps per request: it holds the KEK
-            # anyway, and a rotated key changes the record, so it is unwrapped anew.
-            cached = self._app_keys[app] = (wrapped, self._vault.keys.unwrap_app_key(
-                self.kek, record))
-        return cached[1]
+        return self._vault.keys.unwrap_app_key(self.kek, self._vault.get_app(app))
 
 
 class Vault:
-    def __init__(self, store):
+    def __init__(self, store, upgrading=False):
         self.store = store
-        meta = store.get_meta()
-        try:
-            self.vault_id = meta["vault_id"]
-            self.salt = meta["salt"]
-            self.kdf = crypto.KdfParams(**json.loads(meta["kdf"]))
-            self.wrapped_kek = meta["wrapped_kek"]
-            self.kek_check = meta["kek_check"]
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(
-                f"vault {store.path} has missing or malformed metadata") from None
-        # meta values are untyped: an edited salt or id would crash Argon2 or the AAD
-        if not isinstance(self.vault_id, bytes) or not isinstance(self.salt, bytes) \
-                or len(self.salt) != crypto.SALT_LEN:
-            raise IntegrityError(f"vault {store.path} has a malformed salt or vault id: "
-                                 "the vault file was tampered with")
-        self.kdf.validate()
+        (self.vault_id, self.salt, self.kdf, self.wrapped_kek, self.kek_check,
+         self.format) = _metadata(store)
+        store.check_schema(self.format)
         self.keys = KeyHierarchy(self.vault_id)
+        self.heads = Heads(store, self.keys)
+        self._upgrading = upgrading
 
     @classmethod
-    def open(cls, path):
-        return cls(SqliteStore(path))
+    def open(cls, path, upgrading=False):
+        """Open a vault; *upgrading*: for upgrade(), unlocking a format-1 vault too."""
+        return cls(SqliteStore(path), upgrading)
 
     @classmethod
     def create(cls, path, password, kdf=crypto.DEFAULT_KDF):
         """Create a new vault file; return (vault, keyring)."""
         kdf.validate()
-        vault_id, salt, kek = os.urandom(16), os.urandom(crypto.SALT_LEN), crypto.random_key()
+        vault_id, salt, kek = (os.urandom(VAULT_ID_LEN), os.urandom(crypto.SALT_LEN),
+                               crypto.random_key())
         keys = KeyHierarchy(vault_id)
         store = SqliteStore.create(path, {
-            "vault_id": vault_id,
-            "salt": salt,
-            "kdf": json.dumps(kdf.__dict__),
+            "vault_id": vault_id, "salt": salt, "kdf": json.dumps(kdf.__dict__),
             "wrapped_kek": keys.wrap_kek(crypto.derive_kek(password, salt, kdf), kek),
-            "kek_check": keys.kek_check(kek),
-        })
+            "kek_check": keys.kek_check(kek)})
         vault = cls(store)
         return vault, Keyring(vault, kek=kek)
+
+    @property
+    def current(self):
+        """Whether the vault has heads (else only listing and upgrade() work)."""
+        return self.format == SCHEMA_VERSION
+
+    def require_current(self):
+        if not self.current and not self._upgrading:
+            raise _outdated(self.store.path, self.format)
 
     # -- unlocking -----------------------------------------------------------
 
     def unlock(self, password):
+        self.require_current()
         pwk = crypto.derive_kek(password, self.salt, self.kdf)
         return Keyring(self, kek=self.keys.unwrap_kek(pwk, self.wrapped_kek))
 
     def unlock_key(self, key, app=None):
         """Identify a machine key: the KEK, or the key of *app* (or of any app)."""
+        self.require_current()
         if self.keys.is_kek(key, self.kek_check):
             return Keyring(self, kek=key)
+        if not self.current:
+            raise AuthError("upgrading the vault needs the master password or an "
+                            "unscoped machine key")
         candidates = [self.get_app(app)] if app else self.store.list_apps()
         for record in candidates:
             if self.keys.is_app_key(key, record):
@@ -126,6 +142,12 @@ class Vault:
             return keyring.require_kek("deriving an unscoped machine key")
         return keyring.app_key(app)
 
+    def upgrade(self, keyring):
+        """Format 1 -> 2 (Heads.upgrade); False if the vault is of format 2 already."""
+        upgraded = self.heads.upgrade(keyring.require_kek("upgrading the vault"))
+        self.format = SCHEMA_VERSION
+        return upgraded
+
     # -- apps ----------------------------------------------------------------
 
     def get_app(self, app):
@@ -144,7 +166,8 @@ class Vault:
             self.store.put_app(record)
 
     def rotate_app_key(self, keyring, app):
-        """New app key; re-wrap every DEK of the app; old scoped keys stop working."""
+        """New app key; re-wrap every DEK and re-seal every head of the app; old
+        scoped keys stop working."""
         kek = keyring.require_kek("rotating an app key")
         with self.store.transaction():
             old = self.get_app(app)
@@ -153,10 +176,15 @@ class Vault:
             for secret in self.store.app_secret_versions(app):
                 self.store.rewrap_secret(secret,
                                          self.keys.rewrap_dek(old_key, new_key, secret))
+            for env, _ in self.store.list_envs(app):
+                head = self.heads.get(old_key, app, env)
+                if head is not None:
+                    self.heads.put(new_key, app, env, head)
             self.store.put_app(record)
         return record.generation
 
     def delete_app(self, app):
+        self.require_current()
         with self.store.transaction():
             self.get_app(app)
             self.store.delete_app(app)
@@ -175,6 +203,7 @@ class Vault:
 
     def create_env(self, app, env):
         check_slug("env", env)
+        self.require_current()
         with self.store.transaction():
             self.get_app(app)
             if self.store.env_exists(app, env):
@@ -182,6 +211,7 @@ class Vault:
             self.store.create_env(app, env)
 
     def delete_env(self, app, env):
+        self.require_current()
         with self.store.transaction():
             self.require_env(app, env)
             self.store.delete_env(app, env)
@@ -196,27 +226,38 @@ class Vault:
         """Store a new version of each name -> value, all in one transaction."""
         for name, value in values.items():
             check_value(check_name(name), value)
-        app_key = keyring.app_key(app)
+        keyring.app_key(app)
         now = time.time()
-        versions = {}
         with self.store.transaction():
             self.require_env(app, env)
+            app_key = keyring.app_key(app)       # as committed: not rotated meanwhile
+            head = self.heads.get(app_key, app, env) or {}
             for name, value in values.items():
                 record = SecretRecord(app, env, name,
-                                      self.store.next_version(app, env, name),
+                                      self.heads.newest(head, app, env, name) + 1,
                                       b"", b"", now)
                 self.keys.seal_secret(app_key, record, value)
                 self.store.put_secret(record)
-                versions[name] = record.version
-        return versions
+                head[name] = self.keys.head_entry(record)
+            self.heads.put(app_key, app, env, head)
+        return {name: head[name][0] for name in values}
 
-    def delete_secret(self, app, env, name):
+    def delete_secret(self, keyring, app, env, name):
+        """Delete a secret with every version, and take it off its head."""
+        check_name(name)
+        keyring.app_key(app)
         with self.store.transaction():
             self.require_env(app, env)
-            if not self.store.delete_secret(app, env, check_name(name)):
+            app_key = keyring.app_key(app)
+            head = self.heads.get(app_key, app, env) or {}
+            if not self.heads.newest(head, app, env, name):
                 raise NotFoundError(f"no secret {name} in {app}/{env}")
+            self.store.delete_secret(app, env, name)
+            del head[name]
+            self.heads.put(app_key, app, env, head)
 
     def list_secrets(self, app, env):
+        """What the store holds (no key: nothing is checked against the head)."""
         self.require_env(app, env)
         return self.store.latest_secrets(app, env)
 
@@ -229,9 +270,12 @@ class Vault:
         """As reveal(), with each secret's version: name -> (version, value)."""
         if names is not None:
             names = sorted({check_name(n) for n in names})
-        app_key = keyring.app_key(app)
-        self.require_env(app, env)
-        records = self.store.latest_secrets(app, env, names)
+        with self.store.snapshot():          # the head and records of one state
+            app_key = keyring.app_key(app)
+            self.require_env(app, env)
+            head = self.heads.get(app_key, app, env) or {}
+            records = self.store.latest_secrets(app, env, names)
+        self.heads.agree(head, records, app, env, names)
         if names is not None and len(records) != len(names):
             missing = sorted(set(names) - {r.name for r in records})
             raise NotFoundError(f"no secret {', '.join(missing)} in {app}/{env}")
@@ -241,5 +285,137 @@ class Vault:
                 raise UsageError(
                     f"{app}/{env} holds {', '.join(risky)}, which would change how "
                     "programs load code; inject it only by naming it in --secrets")
-        return {record.name: (record.version, self.keys.open_secret(app_key, record))
-                for record in records}
+        return self.heads.reveal(app_key, head, records, app, env)
+
+
+class Heads:
+    """Each environment's head (vault.py's docstring): read and checked against the
+    store, or sealed and written, inside the caller's transaction or snapshot."""
+
+    def __init__(self, store, keys):
+        self.store = store
+        self.keys = keys
+
+    def get(self, app_key, app, env):
+        """The head of app/env (name -> (version, digest)), or None: only an
+        environment that never held a secret has none."""
+        blob = self.store.get_head(app, env)
+        if blob is not None:
+            return self.keys.open_head(app_key, app, env, blob)
+        if self.store.has_secrets(app, env):
+            raise self.tampered(f"{app}/{env} holds secrets but has no head (the "
+                                "sealed list of their current versions)")
+        return None
+
+    def put(self, app_key, app, env, head):
+        self.store.put_head(app, env, self.keys.seal_head(app_key, app, env, head))
+
+    def upgrade(self, kek):
+        """Format 1 -> 2 in one transaction: each app's key check says that it has
+        heads (core/keys.py), and each environment gets the head of the records
+        stored now, the one moment they are trusted as they are: each must decrypt,
+        but a row deleted before cannot be told.  False if another process did it."""
+        with self.store.transaction():
+            if self.store.get_meta().get("schema_version") == SCHEMA_VERSION:
+                return False
+            self.store.add_heads()
+            for old in self.store.list_apps():
+                app_key, record = self.keys.upgrade_app(kek, old)
+                for env, _ in self.store.list_envs(old.name):
+                    records = self.store.latest_secrets(old.name, env)
+                    for secret in records:
+                        self.keys.open_secret(app_key, secret)
+                    if records:
+                        self.put(app_key, old.name, env, {
+                            r.name: self.keys.head_entry(r) for r in records})
+                self.store.put_app(record)
+            self.store.put_meta({"schema_version": SCHEMA_VERSION})
+        return True
+
+    def newest(self, head, app, env, name):
+        """The version *head* gives *name* (0: none), once the store agrees."""
+        version = head[name][0] if name in head else 0
+        stored = self.store.next_version(app, env, name) - 1
+        if stored != version:
+            raise self.tampered(_disagreement(name, app, env, version, stored))
+        return version
+
+    def agree(self, head, records, app, env, names):
+        """Each record is of the version *head* gives its name, and each name it
+        lists (of *names*, if given) has its record."""
+        for record in records:
+            version = head[record.name][0] if record.name in head else 0
+            if version != record.version:
+                raise self.tampered(_disagreement(record.name, app, env, version,
+                                                  record.version))
+        listed = head if names is None else [name for name in names if name in head]
+        for name in sorted(set(listed) - {record.name for record in records}):
+            raise self.tampered(_disagreement(name, app, env, head[name][0], 0))
+
+    def reveal(self, app_key, head, records, app, env):
+        """name -> (version, value) of *records* (which agree() with *head*), each
+        the very record *head* names: the same version of an older record (versions
+        start again at 1 after a delete) decrypts, but has another digest."""
+        revealed = {}
+        for record in records:
+            value = self.keys.open_secret(app_key, record)
+            if self.keys.head_entry(record) != head[record.name]:
+                raise self.tampered(
+                    f"secret {record.name} of {app}/{env} is at version "
+                    f"{record.version}, but its record of that version is not the one "
+                    "written")
+            revealed[record.name] = (record.version, value)
+        return revealed
+
+    def tampered(self, what):
+        return IntegrityError(f"vault {self.store.path}: {what}: the vault file was "
+                              "tampered with")
+
+
+def _metadata(store):
+    """(vault id, salt, KDF parameters, wrapped KEK, KEK check, format) from the
+    vault's metadata, each checked: meta values are untyped, and an edited salt or id
+    would crash Argon2 or the AAD, a truncated KEK check make the KEK look wrong."""
+    meta = store.get_meta()
+    try:
+        fields = (meta["vault_id"], meta["salt"],
+                  crypto.KdfParams(**json.loads(meta["kdf"])), meta["wrapped_kek"],
+                  meta["kek_check"], meta["schema_version"])
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError(
+            f"vault {store.path} has missing or malformed metadata") from None
+    vault_id, salt, kdf, wrapped_kek, kek_check, version = fields
+    for what, value, size in (("salt", salt, crypto.SALT_LEN),
+                              ("vault id", vault_id, VAULT_ID_LEN),
+                              ("wrapped KEK", wrapped_kek, WRAPPED_KEY_LEN),
+                              ("KEK check", kek_check, KEY_CHECK_LEN)):
+        if type(value) is not bytes or len(value) != size:
+            raise IntegrityError(f"vault {store.path} has a malformed {what}: the "
+                                 "vault file was tampered with")
+    if type(version) is not int or version < 1:
+        raise IntegrityError(f"vault {store.path} has a malformed format number: the "
+                             "vault file was tampered with")
+    if version > SCHEMA_VERSION:
+        raise OvError(f"vault {store.path} is of format {version}; this ov reads "
+                      f"format {SCHEMA_VERSION} at most")
+    kdf.validate()
+    return fields
+
+
+def _outdated(path, version):
+    return OutdatedVaultError(
+        f"vault {path} is of format {version}, which cannot tell a deleted or "
+        "rolled-back secret version from the current one; upgrade it once with "
+        f"'ov auth upgrade --vault {path}' (with the master password or an unscoped "
+        "machine key)")
+
+
+def _disagreement(name, app, env, version, stored):
+    """What is wrong when the head gives *name* *version* and its newest stored
+    record is *stored* (0: none)."""
+    where = f"secret {name} of {app}/{env}"
+    if not version:
+        return f"{where} is not in its head, yet a record of version {stored} is stored"
+    if not stored:
+        return f"{where} is at version {version}, but no record of it is stored"
+    return f"{where} is at version {version}, its newest record says {stored}"

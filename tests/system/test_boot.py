@@ -39,6 +39,12 @@ tree is installed into it; the scenarios then share that system, in this order
   s14  journalctl -x renders every catalog entry against a real record of its event
        with every @FIELD@ filled in (accepted and exited from a root agent that a root
        caller in the same world may --spawn from)
+  s15  soak: for a minute, a member of the socket's group without a key attacks the
+       system agent (stalled and reopening connections, descriptors on pieces of
+       headers, bad frames) from its own unit while root's caller unit keeps asking:
+       every request of the caller is served; the agent's descriptors and threads
+       return to their baseline, its memory stays near it; the attack makes a
+       handful of journal records
   s9   apt-get remove, then purge
 
 Removed with issue #12 ("every command runs in its caller's own world"): the system
@@ -1083,6 +1089,109 @@ def test_s14_every_catalog_entry_renders_filled_in(box):
         unfilled = sorted(set(re.findall(r"@[A-Za-z0-9_]+@", rendered)))
         assert not unfilled, (f"catalog entry {message_id} left {unfilled} unfilled",
                               rendered)
+    assert not journal_has_value(box), "a secret value reached the journal"
+
+
+# -- s15: a minute of hostile clients --------------------------------------------------
+
+SOAK_SECONDS = 60
+# A member of the socket's group without a key, in a unit of its own.  Usage:
+# ov-attacker SOCKET SECONDS
+ATTACKER = r"""#!/usr/bin/python3
+import array, os, socket, sys, threading, time
+path, stop = sys.argv[1], time.monotonic() + float(sys.argv[2])
+devnull = os.open("/dev/null", os.O_RDONLY)
+
+def attack(first, fds=0, reset=False):
+    # Connect, send first (with descriptors), then reset at once or wait until the
+    # agent hangs up; again at once.
+    while time.monotonic() < stop:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.05, stop - time.monotonic()))
+            sock.connect(path)
+            if fds:
+                sock.sendmsg([first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", [devnull] * fds))])
+            elif first:
+                sock.sendall(first)
+            while not reset and sock.recv(65536):
+                pass
+        except OSError:
+            time.sleep(0.001)
+        finally:
+            sock.close()
+
+kinds = ([(b"O", 0, False)] * 200 + [(b"", 0, False)] * 70 + [(b"O", 3, True)] * 20
+         + [(b"OV\x02\x00\x00\x00\x00\x01{", 0, False)] * 10)
+threads = [threading.Thread(target=attack, args=kind) for kind in kinds]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
+# Root's caller: `ov run --agent` again and again for SECONDS; prints one line
+# "ok N failed N slowest S" and each failure's error.  Usage: ov-soak-caller SECONDS
+SOAK_CALLER = r"""#!/usr/bin/python3
+import subprocess, sys, time
+stop, ok, failed, slowest = time.monotonic() + float(sys.argv[1]), 0, 0, 0.0
+while time.monotonic() < stop:
+    started = time.monotonic()
+    result = subprocess.run(["/usr/bin/ov", "run", "--agent", "--app", "demo",
+                             "--secrets", "DB_URL", "--", "/bin/true"],
+                            capture_output=True, text=True, timeout=120)
+    slowest = max(slowest, time.monotonic() - started)
+    if result.returncode == 0:
+        ok += 1
+    else:
+        failed += 1
+        print("failure:", result.returncode, result.stderr.strip()[-300:], flush=True)
+print(f"ok {ok} failed {failed} slowest {slowest:.3f}", flush=True)
+"""
+
+
+def agent_resources(box, pid):
+    """(descriptors, threads, VmRSS in KiB) of the agent."""
+    status = proc_status(box, pid)
+    fds = len(box.run("ls", f"/proc/{pid}/fd").out.split())
+    return fds, int(status["Threads"][0]), int(status["VmRSS"][0])
+
+
+def test_s15_soak_hostile_clients_for_a_minute(box):
+    need("configured")
+    box.write("/usr/local/bin/ov-attacker", ATTACKER, 0o755)
+    box.write("/usr/local/bin/ov-soak-caller", SOAK_CALLER, 0o755)
+    agent_counters(box)                        # the agent runs, and has served once
+    pid = agent_main_pid(box)
+    before = agent_resources(box, pid)
+    since = box.run("date", "+%Y-%m-%d %H:%M:%S").out.strip()
+    box.run("systemd-run", "--unit", "ov-attacker", "-p", f"User={CALLER}", "-p",
+            f"SupplementaryGroups={STATE['group']}", "--", "/usr/local/bin/ov-attacker",
+            SOCKET, str(SOAK_SECONDS + 5))
+    try:
+        time.sleep(3)                          # every slot taken before the caller asks
+        caller = box.run("systemd-run", "--wait", "--pipe", "--quiet", "--",
+                         "/usr/local/bin/ov-soak-caller", str(SOAK_SECONDS),
+                         timeout=SOAK_SECONDS + 120, check=False)
+    finally:
+        box.systemctl("stop", "ov-attacker.service", check=False)
+    summary = caller.out.strip().splitlines()[-1].split()
+    REPORT["soak_caller"] = " ".join(summary)
+    assert caller.returncode == 0 and summary[0] == "ok" and summary[3] == "0", caller.out
+    assert int(summary[1]) > 0, caller.out
+    assert agent_main_pid(box) == pid, "the agent restarted during the attack"
+    counters = agent_counters(box)
+    REPORT["soak_agent_counters"] = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+    # Back to the baseline once the attack's last connections have timed out.
+    box.wait_for(lambda: agent_resources(box, pid)[:2] == before[:2], timeout=30,
+                 what=f"the agent's descriptors and threads to return to {before[:2]}")
+    after = agent_resources(box, pid)
+    REPORT["soak_agent_rss_kib"] = f"{before[2]} -> {after[2]}"
+    assert after[2] - before[2] < 8 * 1024, (before, after)
+    denied = box.journal("-u", "ov-agent", f"MESSAGE_ID={DENIED}",
+                         f"PEER_UID={STATE['caller_uid']}", "--since", since)
+    REPORT["soak_denied_records"] = f"{len(denied)} for {counters['denied']} denials"
+    assert counters["denied"] > 20 * len(denied), (counters, len(denied))
     assert not journal_has_value(box), "a secret value reached the journal"
 
 
