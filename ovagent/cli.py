@@ -104,7 +104,8 @@ def derive_machine_key(*, out=None, app=None, force=False, vault=None,
                        machine_key=None, password_stdin=False):
     """Write a machine key (raw 32 bytes, mode 0600) for ov run and ov agent."""
     opened = _open_vault(vault)
-    keyring = unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin, app=app)
+    keyring = unlock.unlock(opened, machine_key=machine_key,
+                            password_stdin=password_stdin, app=app)
     keyfile.write_key(out, opened.machine_key(keyring, app), force=force)
     scope = f"app {app!r} only" if app else "every app in the vault"
     print(f"Wrote machine key {out} (decrypts {scope}).", file=sys.stderr)
@@ -122,11 +123,17 @@ def upgrade(*, vault=None, machine_key=None, password_stdin=False):
     from .core.vault import Vault
 
     opened = Vault.open(vault or paths.vault_path(), upgrading=True)
-    if not opened.current and opened.upgrade(unlock.unlock(
-            opened, machine_key=machine_key, password_stdin=password_stdin)):
-        print(f"Upgraded vault {opened.store.path} to format {opened.format}")
-    else:
+    pinned = None if opened.current else opened.upgrade(unlock.unlock(
+        opened, machine_key=machine_key, password_stdin=password_stdin))
+    if pinned is None:
         print(f"Vault {opened.store.path} is of format {opened.format} already")
+        return
+    for app, env, versions in pinned:
+        print(f"pinned {app}/{env}: " + ", ".join(f"{name} v{version}" for name, version
+                                                  in sorted(versions.items())))
+    print(f"Upgraded vault {opened.store.path} to format {opened.format}: the versions "
+          "above are now the current ones.  Run this once; if ov asks for it again, "
+          "the vault file was rolled back (docs: ov-auth(1))")
 
 
 # -- ov app ----------------------------------------------------------------
@@ -140,7 +147,9 @@ def upgrade(*, vault=None, machine_key=None, password_stdin=False):
 def app_create(app, *, vault=None, machine_key=None, password_stdin=False):
     """Create an app with its own random key."""
     opened = _open_vault(vault)
-    opened.create_app(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin), app)
+    keyring = unlock.unlock(opened, machine_key=machine_key,
+                            password_stdin=password_stdin)
+    opened.create_app(keyring, app)
     print(f"Created app {app}")
 
 
@@ -175,7 +184,9 @@ def app_delete(app, *, force=False, vault=None):
 def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
     """Give an app a new key; machine keys scoped to it stop working."""
     opened = _open_vault(vault)
-    generation = opened.rotate_app_key(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin), app)
+    keyring = unlock.unlock(opened, machine_key=machine_key,
+                            password_stdin=password_stdin)
+    generation = opened.rotate_app_key(keyring, app)
     print(f"Rotated key of app {app} (generation {generation}); old scoped machine "
           "keys for it no longer work")
 
@@ -295,8 +306,9 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
     if dry_run:
         opened.require_env(target.app, target.env)
     else:
-        opened.set_secrets(unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin, app=target.app),
-                           target.app, target.env, values)
+        keyring = unlock.unlock(opened, machine_key=machine_key,
+                                password_stdin=password_stdin, app=target.app)
+        opened.set_secrets(keyring, target.app, target.env, values)
     for line, name, value in entries:  # never the value itself
         if b"${" in value:
             warn(f"{file}:{line}: {name} contains '${{': ov stores it literally, "

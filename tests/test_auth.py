@@ -27,6 +27,7 @@ NOW = 1_800_000_000
 class Peer:
     def __init__(self, uid=os.geteuid(), unit="caller.service"):
         self.pid, self.uid, self.gid, self.unit = 4242, uid, 100, unit
+        self.owner = f"uid {uid}"
 
     def fields(self):
         return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid,
@@ -188,7 +189,8 @@ def test_the_journal_sender_fails_when_journald_is_not_there(tmp_path, monkeypat
 # -- audit text and the flood of denials -------------------------------------------------
 
 
-@given(st.text(), st.text())
+@given(st.text(st.characters(blacklist_categories=())),
+       st.text(st.characters(blacklist_categories=())))   # lone surrogates too
 @example("\\n", "\n")
 @example("\\x1b", "\x1b")
 @example("\\\\", "\\")
@@ -224,34 +226,48 @@ def peer_fields(uid=7):
     return {"peer_pid": 42, "peer_uid": uid, "peer_gid": 7, "peer_unit": "none"}
 
 
+def deny(denials, code="bad-frame", owner="user-7.slice", uid=7):
+    denials.record("request denied: x", code, "x", owner, peer_fields(uid))
+
+
 def test_repeated_denials_make_one_record_and_a_count():
     denials, journal, clock = denials_of()
-    for _ in range(1000):
-        denials.record("request denied: x", "bad-frame", "x", peer_fields())
+    for uid in range(1000):           # any uids: an owner's user namespaces
+        deny(denials, uid=100000 + uid)
     assert len(journal.records) == 1 and "REPEATED" not in journal.records[0]
     denials.flush()                              # the interval is not over yet
     assert len(journal.records) == 1
     clock.now += 5.0
     denials.flush()
     assert len(journal.records) == 2 and journal.records[1]["REPEATED"] == "999"
-    assert journal.records[1]["PEER_UID"] == "7"
+    assert journal.records[1]["OWNER"] == "user-7.slice"
+    assert journal.records[1]["PEER_UID"] == "100999"      # the last one's fields
 
 
-def test_another_uid_or_reason_is_recorded_at_once():
+def test_another_owner_or_reason_is_recorded_at_once():
     denials, journal, _ = denials_of()
-    denials.record("m", "bad-frame", "x", peer_fields(uid=7))
-    denials.record("m", "bad-frame", "x", peer_fields(uid=8))
-    denials.record("m", "auth-failed", "y", peer_fields(uid=7))
-    assert [(r["PEER_UID"], r["CODE"]) for r in journal.records] == [
-        ("7", "bad-frame"), ("8", "bad-frame"), ("7", "auth-failed")]
+    deny(denials, owner="user-7.slice")
+    deny(denials, owner="user-8.slice")
+    deny(denials, code="auth-failed", owner="user-7.slice")
+    assert [(r["OWNER"], r["CODE"]) for r in journal.records] == [
+        ("user-7.slice", "bad-frame"), ("user-8.slice", "bad-frame"),
+        ("user-7.slice", "auth-failed")]
+
+
+def test_a_key_holders_denials_are_always_recorded_in_full():
+    denials, journal, _ = denials_of()
+    for code in ("replay", "stale", "spawn-refused", "not-found", "internal") * 3:
+        deny(denials, code=code)
+    assert len(journal.records) == 15
+    assert not any("REPEATED" in record for record in journal.records)
 
 
 def test_a_denial_after_the_interval_sums_up_the_last_one_first():
     denials, journal, clock = denials_of()
     for _ in range(3):
-        denials.record("m", "busy", "full", peer_fields())
+        deny(denials, code="busy")
     clock.now += 6.0
-    denials.record("m", "busy", "full", peer_fields())
+    deny(denials, code="busy")
     assert [r.get("REPEATED") for r in journal.records] == [None, "2", None]
     denials.flush(everything=True)              # the agent stops: nothing pending
     assert len(journal.records) == 3
@@ -261,24 +277,26 @@ def test_a_denial_after_the_interval_sums_up_the_last_one_first():
 
 
 class Conn:
-    def __init__(self, uid, deadline, answered=False):
-        self.peer = Peer(uid=uid)
+    def __init__(self, owner, deadline, answered=False):
+        self.peer = Peer()
+        self.peer.owner = owner
         self.deadline, self.answered = deadline, answered
 
 
-def test_the_uid_holding_most_gives_way_with_its_oldest_request():
-    hog = [Conn(9, deadline) for deadline in (5, 3, 4)]
-    other = [Conn(8, 1)]
-    assert giving_way(hog + other, uid=7) is hog[1]
+def test_the_owner_holding_most_gives_way_with_its_oldest_request():
+    hog = [Conn("user-9.slice", deadline) for deadline in (5, 3, 4)]
+    other = [Conn("user-8.slice", 1)]
+    assert giving_way(hog + other, "user-7.slice") is hog[1]
 
 
-def test_nobody_gives_way_to_a_uid_holding_as_many():
-    connections = [Conn(9, 1), Conn(9, 2), Conn(7, 3)]
-    assert giving_way(connections, uid=7) is None       # 2 is not 1 + 2
-    assert giving_way(connections, uid=9) is None       # the hog itself
-    assert giving_way([], uid=7) is None
+def test_nobody_gives_way_to_an_owner_holding_as_many():
+    connections = [Conn("a", 1), Conn("a", 2), Conn("b", 3)]
+    assert giving_way(connections, "b") is None       # 2 is not 1 + 2
+    assert giving_way(connections, "a") is None       # the hog itself
+    assert giving_way([], "b") is None
 
 
 def test_answered_connections_do_not_count():
-    connections = [Conn(9, 1, answered=True), Conn(9, 2, answered=True), Conn(8, 3)]
-    assert giving_way(connections, uid=7) is None
+    connections = [Conn("a", 1, answered=True), Conn("a", 2, answered=True),
+                   Conn("b", 3)]
+    assert giving_way(connections, "c") is None

@@ -532,7 +532,8 @@ LONG_NAME = "L" * 256
 MALFORMED = {
     "not an assignment": ("OK=1\nthis is not dotenv\n", 2, "expected NAME=VALUE"),
     "bad name": ("OK=1\n1BAD=x\n", 2, "expected NAME=VALUE"),
-    "unterminated": (f'OK=1\nA="{SENTINEL}\nB=2\n', 2, "unterminated double quote"),
+    "unterminated": (f'OK=1\nA="{SENTINEL}\nmore\n', 2, "unterminated double quote"),
+    "quote left open": (f'OK=1\nA="{SENTINEL}\nB=2\n', 2, "runs into line 3"),
     "control character": (f"OK=1\n\nA=ab\x1b{SENTINEL}\n", 3, "control character"),
     "lone CR line": (f"OK=1\rA={SENTINEL}\rnot dotenv\n", 3, "expected NAME=VALUE"),
     "bad escape": (f'OK=1\nA="\\q{SENTINEL}"\n', 2, "invalid escape"),
@@ -930,6 +931,9 @@ UNTRUSTED_PROJECT_FILES = {
     "in a world-writable directory": (
         lambda path: path.parent.chmod(0o777),
         "in a directory writable by others without the sticky bit"),
+    "in another user's directory": (
+        lambda path: os.chown(path.parent, 1000, 1000),
+        "in a directory owned by uid 1000, not you or root"),
     "a symlink": (lambda path: (path.rename(path.with_name("real.yaml")),
                                 path.symlink_to("real.yaml")),
                   "a symbolic link (not followed)"),
@@ -1322,7 +1326,7 @@ def test_a_format_1_vault_is_refused_until_ov_auth_upgrade(demo, tmp_path, expec
     refusal = (f"vault {demo.path} is of format 1, which cannot tell a deleted or "
                "rolled-back secret version from the current one; upgrade it once with "
                f"'ov auth upgrade --vault {demo.path}' (with the master password or an "
-               "unscoped machine key)")
+               "unscoped machine key), then restart any agent that serves it")
     for args in (run_all(demo.key), run_all(demo.scoped_key),
                  ("secret", "set", "X", "--app", "demo", *keyed(demo.key)),
                  ("env", "create", "new", "--app", "demo"),
@@ -1333,8 +1337,10 @@ def test_a_format_1_vault_is_refused_until_ov_auth_upgrade(demo, tmp_path, expec
     expect_error(demo.ov("auth", "upgrade", *keyed(demo.scoped_key)), 4,
                  "upgrading the vault needs the master password")
     assert vault_dump(demo.path) == before
-    assert demo.ov("auth", "upgrade", *keyed(demo.key), check=0).out == (
-        f"Upgraded vault {demo.path} to format 2\n")
+    upgraded = demo.ov("auth", "upgrade", *keyed(demo.key), check=0).out.splitlines()
+    assert upgraded[0] == "pinned demo/production: " + ", ".join(
+        f"{name} v1" for name in sorted(DEMO_SECRETS)), upgraded
+    assert upgraded[-1].startswith(f"Upgraded vault {demo.path} to format 2: "), upgraded
     assert demo.ov("auth", "upgrade", "--password-stdin", input=PASSWORD + "\n",
                    check=0).out == f"Vault {demo.path} is of format 2 already\n"
     for secret_key in (demo.key, demo.scoped_key):      # machine keys keep working

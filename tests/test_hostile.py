@@ -21,6 +21,7 @@ from helpers import (DEMO_SECRETS, OV, SETPRIV, Session, descriptor_count, frame
                      memory_copies, needs_setpriv, proc_stat, protocol, read_line,
                      redact, signed, wait_for)
 from ovagent.agent.auth import NonceCache
+from ovagent.core import procfs
 from ovagent.agent.audit import JOURNAL_SOCKET
 from test_protocol import ask, outcome
 
@@ -565,6 +566,11 @@ def test_one_uids_stalled_and_reopening_connections_do_not_starve_another(
     the default 64 slots.  Every request of another uid is served meanwhile (the
     attacker's oldest connection gives way), and the attack's thousands of
     refusals make a handful of audit lines."""
+    own = procfs.process_cgroups(os.getpid())[1]
+    if procfs.owner(own, 65534) == procfs.owner(own, 0):
+        pytest.skip(f"uid 65534 and root both count as {procfs.owner(own, 0)} here; "
+                    "the system suite's s15 runs attacker and caller in units of "
+                    "their own")
     base, _ = shared_place
     agent = agents.start("--system", sock=base / "r" / "a.sock")
     os.chmod(agent.socket.parent, 0o711)
@@ -612,7 +618,7 @@ def test_a_flood_of_denials_makes_a_few_records_that_count_every_one(agent):
     records = [line for line in agent.log().splitlines() if ": denied: " in line]
     repeated = [int(match.group(1)) for line in records
                 for match in [re.search(r" repeated=(\d+)", line)] if match]
-    assert len(records) <= 2 * (1 + 300 // 1000), records      # one interval or two
+    assert len(records) <= 4, records     # full + count, twice if 5 s went by
     assert len(records) - len(repeated) + sum(repeated) == 300, records
 
 
@@ -654,3 +660,74 @@ def test_a_connection_without_a_request_is_dropped_after_a_short_deadline(agent)
         session.send(b"O")
         reply = session.answer(timeout=protocol.REQUEST_TIMEOUT + 3)
     assert outcome(reply) == "error:timeout", reply
+
+
+def test_a_client_waits_while_the_agents_queue_is_full(demo, tmp_path):
+    """A busy agent's listen queue may be full: the client waits for room instead of
+    failing at once with EAGAIN (which a socket with a timeout gets)."""
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    while True:                          # fill the queue
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            filler.close()
+            break
+        fillers.append(filler)
+    client = subprocess.Popen([OV, "run", "--agent", "--socket", path, "--machine-key",
+                               str(demo.key), "--", "true"], env=demo.ov.env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert client.poll() is None, client.stderr.read()     # waiting, not failed
+        listener.settimeout(10)
+        for _ in range(len(fillers) + 1):   # make room; the client's turn comes
+            listener.accept()[0].close()
+        assert client.wait(30) == 6
+        error = client.stderr.read()
+        assert "the agent closed the connection" in error, error
+    finally:
+        client.kill()
+        for sock in (listener, *fillers):
+            sock.close()
+
+
+FD_SENDER = r"""
+import array, os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+fd = os.open(sys.argv[2], os.O_RDONLY)
+sock.sendmsg([b"O"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 3))])
+print("sent", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@needs_setpriv
+def test_descriptors_from_a_uid_that_cannot_spawn_are_never_taken(agents, shared_place):
+    """Only a caller with the agent's own uid may --spawn, so only its descriptors
+    are received; the kernel drops anyone else's.  (The loop never closes them, and
+    closing one can block: a FUSE file's flush waits for whoever serves it.)"""
+    base, _ = shared_place
+    agent = agents.start("--system", sock=base / "r" / "a.sock")
+    os.chmod(agent.socket.parent, 0o711)
+    os.chmod(agent.socket, 0o666)
+    passed = base / "passed-descriptor"
+    passed.write_bytes(b"")
+    passed.chmod(0o644)
+    sender = subprocess.Popen(
+        [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", FD_SENDER, str(agent.socket), str(passed), "1.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert read_line(sender.stdout).strip() == "sent"
+        seen = [held(agent, passed) for _ in range(10) if not time.sleep(0.1)]
+        assert seen == [0] * 10, seen
+    finally:
+        sender.kill()
+        sender.wait()

@@ -4,6 +4,8 @@
 import os
 import resource
 
+import pytest
+
 from ovagent.core import procfs
 
 
@@ -44,3 +46,19 @@ def test_seccomp_filters_on_either_side_are_a_difference():
 def test_a_missing_namespace_kind_is_recorded_not_fatal(monkeypatch):
     monkeypatch.setitem(procfs.NAMESPACE_NAMES, "no_such_ns", "imaginary namespace")
     assert procfs.world_of(os.getpid())["imaginary namespace"] is None
+
+
+@pytest.mark.parametrize("cgroup, owner", [
+    ("/user.slice/user-1000.slice/session-3.scope", "user-1000.slice"),
+    ("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service",
+     "user-1000.slice"),
+    ("/system.slice/caller.service", "caller.service"),
+    ("/system.slice/caller.service/delegated/sub", "caller.service"),
+    ("/machine.slice/machine-web.scope/payload", "machine-web.scope"),
+    ("/", "uid 5"),
+    (None, "uid 5"),
+])
+def test_an_owner_is_a_users_slice_else_a_unit_else_a_uid(cgroup, owner):
+    """What the agent's fair share and its counting of denials go by: a user's many
+    uids (user namespaces) are one owner, and a unit cannot pass for another."""
+    assert procfs.owner(cgroup, 5) == owner

@@ -627,15 +627,18 @@ def test_a_format_1_vault_is_refused_until_upgraded_then_reads_every_way(built,
         assert caught.value.exit_code == 1        # an old vault is not a corrupt one
         assert str(caught.value).endswith(
             f"upgrade it once with 'ov auth upgrade --vault {path}' (with the master "
-            "password or an unscoped machine key)")
+            "password or an unscoped machine key), then restart any agent that serves "
+            "it")
     assert [r.name for r in vault.list_apps()] == list(APPS)   # listing needs no key
     vault.store.close()
     assert vault_dump(path) == before
     upgrading = Vault.open(str(path), upgrading=True)
     with pytest.raises(AuthError, match="needs the master password or an unscoped"):
         upgrading.unlock_key(built.scoped["demo"], "demo")
-    assert upgrading.upgrade(upgrading.unlock(PASSWORD.encode())) is True
-    assert upgrading.upgrade(upgrading.unlock_key(built.kek)) is False
+    pinned = upgrading.upgrade(upgrading.unlock(PASSWORD.encode()))
+    assert {(app, env) for app, env, _ in pinned} == {
+        key for key, secrets in CONTENT.items() if secrets}
+    assert upgrading.upgrade(upgrading.unlock_key(built.kek)) is None
     upgrading.store.close()
     # every way reads what it read before, scoped machine keys included
     assert read_every_way(path, built) == {way: expected(way) for way in WAYS}

@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from ..core import protocol
+
 # One fixed MESSAGE_ID per audit event kind (see units/ov-agent.catalog).
 MESSAGE_IDS = {
     "started": "70588917055e4a2dbf86c77d53d55cd3",
@@ -30,9 +32,15 @@ MESSAGE_IDS = {
 }
 PRIORITY = {"denied": 4, "unconfigured": 3}  # warning, error; others are info (6)
 DENIAL_INTERVAL = 5.0     # seconds over which repeated denials make one record
-# C0 and C1 controls, DEL, the Unicode line and paragraph separators, backslash.
-_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
-_ESCAPES.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
+# The refusals any client that may connect can provoke without a key.
+COUNTED = frozenset({protocol.E_BAD_FRAME, protocol.E_TOO_LARGE, protocol.E_TIMEOUT,
+                     protocol.E_BAD_REQUEST, protocol.E_AUTH, protocol.E_PEER,
+                     protocol.E_BUSY, protocol.E_UNCONFIGURED})
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, lone surrogates
+# (from argv that was not UTF-8: journald could not take them), backslash.
+_LOG_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
+_LOG_ESCAPES.update({code: f"\\u{code:04x}" for code in range(0xd800, 0xe000)})
+_LOG_ESCAPES.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
                  0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"})
 
 
@@ -69,51 +77,66 @@ class Audit:
 
 class Denials:
     """Denials, recorded so that no client can flood the journal or drown other
-    records: the first denial of a uid for one reason (code) is recorded in full,
-    the next ones within *interval* seconds are only counted, and one record sums
-    them up (REPEATED=N) once the interval is over (flush(), or the next denial)."""
+    records.  Of the refusals any client can provoke without a key (COUNTED), the
+    first one of an owner (Peer.owner) for one code is recorded in full, the next
+    ones within *interval* seconds are only counted, and one record sums them up
+    (REPEATED=N) once the interval is over (flush(), or the owner's next denial).
+    A key holder's denials (replay, stale, spawn-refused...) are always recorded
+    in full."""
 
     def __init__(self, audit, interval=DENIAL_INTERVAL, clock=time.monotonic):
         self.audit, self.interval, self._clock = audit, interval, clock
-        self._windows = {}          # (uid, code) -> [end, repeated, last reason]
+        self._windows = {}          # (owner, code) -> _Window
         self._lock = threading.Lock()
 
-    def record(self, message, code, reason, peer_fields, **fields):
-        key, now = (peer_fields["peer_uid"], code), self._clock()
-        with self._lock:
-            window = self._windows.get(key)
-            if window is not None and now < window[0]:
-                window[1] += 1
-                window[2] = reason
-                return
-            self._windows[key] = [now + self.interval, 0, reason]
-        if window is not None:
-            self._sum_up(key, window)
-        self.audit.event("denied", message, code=code, reason=reason, **peer_fields,
-                         **fields)
+    def record(self, message, code, reason, owner, peer_fields, **fields):
+        if code in COUNTED:
+            key, now = (owner, code), self._clock()
+            with self._lock:
+                window = self._windows.get(key)
+                if window is not None and now < window.end:
+                    window.count(reason, peer_fields)
+                    return
+                self._windows[key] = _Window(now + self.interval)
+            if window is not None:
+                self._sum_up(key, window)
+        self.audit.event("denied", message, code=code, reason=reason, owner=owner,
+                         **peer_fields, **fields)
 
     def flush(self, everything=False):
         """Sum up every interval that is over (all of them when the agent stops)."""
         now = self._clock()
         with self._lock:
             ended = [(key, window) for key, window in self._windows.items()
-                     if everything or now >= window[0]]
+                     if everything or now >= window.end]
             for key, _ in ended:
                 del self._windows[key]
         for key, window in ended:
             self._sum_up(key, window)
 
     def _sum_up(self, key, window):
-        (uid, code), (_, repeated, reason) = key, window
-        if repeated:
-            self.audit.event("denied", f"{repeated} more request(s) of uid {uid} denied "
-                             f"({code}) within {self.interval:g} s", code=code,
-                             reason=reason, repeated=repeated, peer_uid=uid)
+        owner, code = key
+        if window.repeated:
+            self.audit.event("denied", f"{window.repeated} more request(s) of {owner} "
+                             f"denied ({code}) within {self.interval:g} s", code=code,
+                             reason=window.reason, repeated=window.repeated,
+                             owner=owner, **window.last_peer)
+
+
+class _Window:
+    """Denials counted for one owner and code until *end* (monotonic time)."""
+
+    def __init__(self, end):
+        self.end, self.repeated, self.reason, self.last_peer = end, 0, None, {}
+
+    def count(self, reason, peer_fields):
+        self.repeated += 1
+        self.reason, self.last_peer = reason, peer_fields
 
 
 def escaped(text):
     """*text* on one line, unambiguous: control characters as backslash escapes."""
-    return text.translate(_ESCAPES)
+    return text.translate(_LOG_ESCAPES)
 
 
 def _field(value):

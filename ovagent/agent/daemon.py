@@ -61,12 +61,13 @@ def load_keys(machine_key, vault_path, app, systemd, system):
         if systemd:
             raise Unconfigured(str(exc)) from None
         raise
-    if key is not None:
-        return vault, "machine-key" if vault.unlock_key(key, app).kek else "scoped-key", \
-            material
-    # The KEK unwrapped from the password is a bytes object: it cannot be wiped.
-    material[:keyfile.KEY_LEN] = unlock.unlock(vault, instead="--machine-key PATH").kek
-    return vault, "interactive", material
+    if key is None:
+        # The KEK unwrapped from the password is a bytes object: it cannot be wiped.
+        material[:keyfile.KEY_LEN] = unlock.unlock(vault, instead="--machine-key PATH").kek
+        return vault, "interactive", material
+    # Checked here, on the terminal that started us; lock_keys() unlocks for good.
+    unscoped = vault.unlock_key(key, app).kek is not None
+    return vault, "machine-key" if unscoped else "scoped-key", material
 
 
 def lock_keys(page, vault, material, app):

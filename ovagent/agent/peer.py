@@ -29,6 +29,7 @@ class Peer:
         try:
             unit, cgroup = procfs.process_cgroups(self.pid)
             self.unit, self.cgroup = (unit, cgroup) if self.running() else (None, None)
+            self.owner = procfs.owner(self.cgroup, self.uid)
         except BaseException:
             self.close()
             raise

@@ -39,10 +39,16 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 class Connection:
     """One accepted connection while the loop reads its request and writes its
-    answer; after the answer is queued, nothing more is read from it."""
+    answer; after the answer is queued, nothing more is read from it.
 
-    def __init__(self, sock, peer, deadline):
+    Descriptors are received only when *takes_fds*: from a caller of the agent's own
+    uid, the only one that may --spawn.  The kernel drops anyone else's, so the loop
+    never closes a descriptor of theirs (closing a FUSE file waits for whoever
+    serves it)."""
+
+    def __init__(self, sock, peer, deadline, takes_fds):
         self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.takes_fds = takes_fds
         self.challenge = os.urandom(protocol.CHALLENGE_BYTES).hex()
         self.request_id = os.urandom(8).hex()
         self.reader = protocol.FrameReader()
@@ -109,8 +115,8 @@ class SignalPipe:
 class Listener:
     """The listening socket in the selector: polled, resting for a moment after the
     agent ran out of descriptors (instead of spinning; queued clients wait in the
-    backlog), or withdrawn while the agent stops.  It accepts one connection at a
-    time, with its peer's credentials."""
+    backlog), or withdrawn while the agent stops.  It accepts connections with
+    their peers' credentials."""
 
     def __init__(self, sock, selector):
         self.sock, self.selector = sock, selector
@@ -163,19 +169,20 @@ class Listener:
             return None
 
 
-def giving_way(connections, uid):
-    """At capacity, the connection that makes room for a request of *uid*, or None:
-    the oldest of those still sending their request from the uid that holds the most
-    of them, if that is another uid holding at least two more.  So no uid keeps
-    another out by holding every slot, while one uid alone may use them all."""
+def giving_way(connections, owner):
+    """At capacity, the connection that makes room for a request of *owner* (a
+    Peer.owner: a user's slice, else a unit, else a uid), or None: the oldest of
+    those still sending their request from the owner that holds the most of them,
+    if that is another owner holding at least two more.  So no one keeps the others
+    out by holding every slot, while one alone may use them all."""
     waiting = [conn for conn in connections if not conn.answered]
-    held = collections.Counter(conn.peer.uid for conn in waiting)
+    held = collections.Counter(conn.peer.owner for conn in waiting)
     if not held:
         return None
     hog, most = held.most_common(1)[0]
-    if hog == uid or most < held[uid] + 2:
+    if hog == owner or most < held[owner] + 2:
         return None
-    return min((conn for conn in waiting if conn.peer.uid == hog),
+    return min((conn for conn in waiting if conn.peer.owner == hog),
                key=lambda conn: conn.deadline)
 
 
@@ -204,15 +211,17 @@ class Server:
         self.state.audit.event("ready", f"ov-agent ready, {status}",
                                mode=self.state.keys.mode, scope=self.state.keys.scope)
         try:
-            self._loop()
+            try:
+                self._loop()
+            finally:
+                for conn in list(self.connections):
+                    self._close(conn)
+                self.selector.close()
+                self._signals.close()
+            left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
+            self.spawner.finish(max(0.0, left))
         finally:
-            for conn in list(self.connections):
-                self._close(conn)
-            self.selector.close()
-            self._signals.close()
-            self.state.denials.flush(everything=True)
-        left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
-        self.spawner.finish(max(0.0, left))
+            self.state.denials.flush(everything=True)   # spawns may deny until here
         return 0
 
     def _loop(self):
@@ -296,7 +305,7 @@ class Server:
         why = self.state.admits(peer)
         code = protocol.E_PEER
         if why is None and self._active() >= self.max_clients and \
-                not self._make_room_for(peer.uid):
+                not self._make_room_for(peer.owner):
             self.state.count("busy")
             code, why = protocol.E_BUSY, (f"agent busy: {self.max_clients} requests "
                                           "already running")
@@ -304,15 +313,16 @@ class Server:
             refuse_and_close(self.state, sock, peer, ProtocolError(code, why))
             return
         sock.setblocking(False)
-        conn = Connection(sock, peer, time.monotonic() + protocol.REQUEST_TIMEOUT)
+        conn = Connection(sock, peer, time.monotonic() + protocol.REQUEST_TIMEOUT,
+                          takes_fds=peer.uid == self.state.uid)
         self.connections.add(conn)
         self.selector.register(sock, READ | WRITE, conn)
         self._flush(conn)
 
-    def _make_room_for(self, uid):
-        """Answer 'busy' to the connection that gives way to *uid* (it may retry);
+    def _make_room_for(self, owner):
+        """Answer 'busy' to the connection that gives way to *owner* (it may retry);
         True once its slot is free."""
-        victim = giving_way(self.connections, uid)
+        victim = giving_way(self.connections, owner)
         if victim is None:
             return False
         self.state.count("busy")
@@ -322,7 +332,7 @@ class Server:
 
     def _read(self, conn):
         try:
-            done = conn.reader.read(conn.sock, want_fds=True)
+            done = conn.reader.read(conn.sock, want_fds=conn.takes_fds)
         except (BlockingIOError, InterruptedError):
             return
         except ProtocolError as exc:

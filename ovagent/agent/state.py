@@ -58,8 +58,8 @@ class AgentState:
             code, message, status = (protocol.E_INTERNAL,
                                      f"internal error ({type(exc).__name__})", None)
         self.count("denied")
-        self.denials.record(f"request denied: {message}", code, message, peer.fields(),
-                            **fields)
+        self.denials.record(f"request denied: {message}", code, message, peer.owner,
+                            peer.fields(), **fields)
         return protocol.error_frame(code, message, status)
 
     def status(self):

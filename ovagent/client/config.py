@@ -10,11 +10,14 @@ another app's secrets).  The rules (ov(1), CONFIGURATION):
   it is then read from, never stat-then-open.  A ``.ov.yaml`` that is a symbolic link
   is not followed (O_NOFOLLOW); the user's config file is (its path is the user's own
   choice, and dotfile managers link it), and its target is what is checked.  A
-  ``.ov.yaml`` in a directory writable by others without the sticky bit is not
-  trusted either: anyone could swap it.  (A group-writable directory is accepted:
+  ``.ov.yaml`` in a directory owned by another user (not the invoking user or root),
+  or writable by others without the sticky bit, is not trusted either: its owner, or
+  anyone, could swap it.  (A group-writable directory is accepted:
   swapping in a file needs one owned by us or root that nobody else can write, and
   a user-private-group umask makes project directories group-writable everywhere.)
-* The search for ``.ov.yaml`` walks up from the working directory and stops at $HOME
+* The search for ``.ov.yaml`` walks up from the working directory, from directory
+  descriptor to directory descriptor (no path is opened twice, so a directory
+  swapped for a symbolic link meanwhile changes nothing), and stops at $HOME
   (inclusive), at a filesystem boundary (st_dev differs from the parent's: the
   mounted directory is searched, its parent is not; a btrfs subvolume counts as
   one) and before any directory above $HOME, whichever comes first.  Outside $HOME
@@ -60,8 +63,11 @@ def distrust(st, dir_st=None):
         return f"owned by uid {st.st_uid}, not you or root"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return "writable by group/others"
-    if dir_st is not None and dir_st.st_mode & stat.S_IWOTH \
-            and not dir_st.st_mode & stat.S_ISVTX:
+    if dir_st is None:
+        return None
+    if dir_st.st_uid not in (os.geteuid(), 0):
+        return f"in a directory owned by uid {dir_st.st_uid}, not you or root"
+    if dir_st.st_mode & stat.S_IWOTH and not dir_st.st_mode & stat.S_ISVTX:
         return "in a directory writable by others without the sticky bit"
     return None
 
@@ -109,42 +115,63 @@ def _unopenable(path, name, dir_fd, dir_st, follow, exc):
     raise UsageError(f"cannot read {path}: {exc.strerror}")
 
 
-def _above(directory, home):
-    """Whether *directory* is an ancestor of *home* (both real paths)."""
-    return directory != home and home.startswith(directory.rstrip("/") + "/")
+def _identity(st):
+    return st.st_dev, st.st_ino
+
+
+def _home_and_above():
+    """(identity of $HOME, identities of the directories above it)."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    above, directory = set(), os.path.dirname(home)
+    while True:
+        try:
+            above.add(_identity(os.stat(directory)))
+        except OSError:
+            pass
+        if directory == os.path.dirname(directory):
+            break
+        directory = os.path.dirname(directory)
+    try:
+        return _identity(os.stat(home)), above
+    except OSError:
+        return None, above
 
 
 def project_file(start=None):
     """The nearest .ov.yaml from *start* (default: the working directory) upwards, as
     (path, its bytes), or None: see the module's docstring for where the search stops
-    and which files count."""
-    home = os.path.realpath(os.path.expanduser("~"))
+    and which files count.  The walk goes from descriptor to descriptor ("..") and
+    judges what it opened, never a path opened again."""
+    home, above_home = _home_and_above()
     try:
-        directory = os.path.realpath(start or os.getcwd())
+        directory = os.path.realpath(start or os.getcwd())   # for messages only
+        dir_fd = os.open(start or ".", _DIR_FLAGS)
     except OSError:                     # the working directory was removed
         return None
     device = None
-    while not _above(directory, home):
-        try:
-            dir_fd = os.open(directory, _DIR_FLAGS)
-        except OSError:
-            return None
-        try:
+    try:
+        while True:
             dir_st = os.fstat(dir_fd)
+            if _identity(dir_st) in above_home:
+                return None             # never above $HOME
             if device is not None and dir_st.st_dev != device:
                 return None             # a filesystem boundary: not searched past
             device = dir_st.st_dev
             path = os.path.join(directory, PROJECT_FILE)
             data = read_trusted(path, dir_fd=dir_fd, dir_st=dir_st)
-        finally:
+            if data is not None:
+                return (path, data) if data is not False else None
+            parent_fd = os.open("..", _DIR_FLAGS, dir_fd=dir_fd)
+            if _identity(dir_st) == home or \
+                    _identity(os.fstat(parent_fd)) == _identity(dir_st):   # / itself
+                os.close(parent_fd)
+                return None
             os.close(dir_fd)
-        if data is not None:
-            return (path, data) if data is not False else None
-        parent = os.path.dirname(directory)
-        if directory == home or parent == directory:
-            return None
-        directory = parent
-    return None
+            dir_fd, directory = parent_fd, os.path.dirname(directory)
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
 
 
 def user_config_file():

@@ -132,7 +132,7 @@ def _single_quoted(lines, index, rest, source, number, name):
         if index >= len(lines):
             raise DotenvError(source, number, f"unterminated single quote in {name}")
         out += [rest, "\n"]
-        rest = lines[index]
+        rest = _continuation(lines, index, source, number, name)
         index += 1
         line += 1
 
@@ -159,6 +159,16 @@ def _double_quoted(lines, index, rest, source, number, name):
         if index >= len(lines):
             raise DotenvError(source, number, f"unterminated double quote in {name}")
         out.append("\n")
-        rest = lines[index]
+        rest = _continuation(lines, index, source, number, name)
         index += 1
         line += 1
+
+
+def _continuation(lines, index, source, number, name):
+    """The next line of a quoted value that spans lines.  One that reads as an
+    assignment is refused: more likely a quote left open than a value's line."""
+    if _ASSIGN.match(lines[index]):
+        raise DotenvError(source, number, f"the quoted value of {name} runs into line "
+                          f"{index + 1}, which reads as NAME=VALUE: close the quote "
+                          "(or write the line break as \\n in double quotes)")
+    return lines[index]

@@ -16,9 +16,10 @@ import binascii   # built in, like _signal and _socket: nothing to load
 import os
 import stat
 
+import time
+
 import _signal
 import _socket
-import _struct
 
 from ..core import keyfile, paths, protocol, seal
 from ..core.errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE,
@@ -28,6 +29,7 @@ from ..core.errors import (EXIT_AGENT, EXIT_AUTH, EXIT_CANNOT_EXECUTE,
 # A socket-activated agent may still be starting, or a restarting one still draining
 # (the system unit drains up to 30 s): wait longer than both before giving up.
 CONNECT_TIMEOUT = 60.0
+CONNECT_RETRY = 0.005      # seconds between tries while the agent's queue is full
 EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
                  protocol.E_REPLAY: EXIT_AUTH, protocol.E_PEER: EXIT_AUTH,
                  protocol.E_SPAWN_REFUSED: EXIT_AUTH,
@@ -56,12 +58,9 @@ def connect(path):
         raise AgentError(f"agent socket {path} is owned by uid {st.st_uid}, "
                          "neither you nor root; refusing to talk to it")
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    # A blocking connect waits for room in a full listen queue (a busy or starting
-    # agent), up to SO_SNDTIMEO; with a timeout, Python's would fail at once (EAGAIN).
-    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO,
-                    _struct.pack("@ll", int(CONNECT_TIMEOUT), 0))
+    sock.settimeout(CONNECT_TIMEOUT)
     try:
-        sock.connect(path)
+        _connect(sock, path)
     except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         raise AgentError(_not_running(path, "connection refused")) from None
@@ -72,8 +71,20 @@ def connect(path):
     except OSError as exc:
         sock.close()
         raise AgentError(f"cannot connect to agent at {path}: {exc.strerror}") from None
-    sock.settimeout(CONNECT_TIMEOUT)
     return sock
+
+
+def _connect(sock, path):
+    """connect(), waiting while the agent's listen queue is full (a busy or starting
+    agent): a socket with a timeout does not wait then, it fails with EAGAIN."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(CONNECT_RETRY)
 
 
 def _not_running(path, why):

@@ -45,6 +45,21 @@ def process_cgroups(pid):
     return unit, cgroup2
 
 
+def owner(cgroup, uid):
+    """Whom a process counts as when the agent shares itself out: the user's slice
+    (user-UID.slice, whatever uids its processes take in user namespaces), else the
+    unit it runs in (a unit cannot leave its cgroup subtree), else, outside any
+    cgroup a service manager made, its uid."""
+    parts = (cgroup or "").strip("/").split("/")
+    for part in parts:
+        if part.startswith("user-") and part.endswith(".slice"):
+            return part
+    for part in parts:
+        if part.endswith((".service", ".scope")):
+            return part
+    return f"uid {uid}"
+
+
 def world_of(pid):
     """What a command spawned by the agent would inherit from it instead of from
     process *pid*: namespaces, root, credentials, NoNewPrivs, seccomp, capabilities,

@@ -143,7 +143,8 @@ class Vault:
         return keyring.app_key(app)
 
     def upgrade(self, keyring):
-        """Format 1 -> 2 (Heads.upgrade); False if the vault is of format 2 already."""
+        """Format 1 -> 2 (Heads.upgrade): what it pinned, [(app, env, name ->
+        version)]; None if the vault is of format 2 already."""
         upgraded = self.heads.upgrade(keyring.require_kek("upgrading the vault"))
         self.format = SCHEMA_VERSION
         return upgraded
@@ -226,7 +227,7 @@ class Vault:
         """Store a new version of each name -> value, all in one transaction."""
         for name, value in values.items():
             check_value(check_name(name), value)
-        keyring.app_key(app)
+        keyring.app_key(app)      # a key for this app? refused before taking the lock
         now = time.time()
         with self.store.transaction():
             self.require_env(app, env)
@@ -234,7 +235,7 @@ class Vault:
             head = self.heads.get(app_key, app, env) or {}
             for name, value in values.items():
                 record = SecretRecord(app, env, name,
-                                      self.heads.newest(head, app, env, name) + 1,
+                                      self.heads.checked_version(head, app, env, name) + 1,
                                       b"", b"", now)
                 self.keys.seal_secret(app_key, record, value)
                 self.store.put_secret(record)
@@ -245,12 +246,12 @@ class Vault:
     def delete_secret(self, keyring, app, env, name):
         """Delete a secret with every version, and take it off its head."""
         check_name(name)
-        keyring.app_key(app)
+        keyring.app_key(app)      # a key for this app? refused before taking the lock
         with self.store.transaction():
             self.require_env(app, env)
             app_key = keyring.app_key(app)
             head = self.heads.get(app_key, app, env) or {}
-            if not self.heads.newest(head, app, env, name):
+            if not self.heads.checked_version(head, app, env, name):
                 raise NotFoundError(f"no secret {name} in {app}/{env}")
             self.store.delete_secret(app, env, name)
             del head[name]
@@ -314,10 +315,12 @@ class Heads:
         """Format 1 -> 2 in one transaction: each app's key check says that it has
         heads (core/keys.py), and each environment gets the head of the records
         stored now, the one moment they are trusted as they are: each must decrypt,
-        but a row deleted before cannot be told.  False if another process did it."""
+        but a row deleted before cannot be told.  What it pinned, [(app, env, name ->
+        version)]; None if another process did it."""
+        pinned = []
         with self.store.transaction():
             if self.store.get_meta().get("schema_version") == SCHEMA_VERSION:
-                return False
+                return None
             self.store.add_heads()
             for old in self.store.list_apps():
                 app_key, record = self.keys.upgrade_app(kek, old)
@@ -328,12 +331,15 @@ class Heads:
                     if records:
                         self.put(app_key, old.name, env, {
                             r.name: self.keys.head_entry(r) for r in records})
+                        pinned.append((old.name, env, {r.name: r.version
+                                                       for r in records}))
                 self.store.put_app(record)
             self.store.put_meta({"schema_version": SCHEMA_VERSION})
-        return True
+        return pinned
 
-    def newest(self, head, app, env, name):
-        """The version *head* gives *name* (0: none), once the store agrees."""
+    def checked_version(self, head, app, env, name):
+        """The version *head* gives *name* (0: none), once the store's newest record
+        agrees (else the vault was tampered with)."""
         version = head[name][0] if name in head else 0
         stored = self.store.next_version(app, env, name) - 1
         if stored != version:
@@ -407,7 +413,7 @@ def _outdated(path, version):
         f"vault {path} is of format {version}, which cannot tell a deleted or "
         "rolled-back secret version from the current one; upgrade it once with "
         f"'ov auth upgrade --vault {path}' (with the master password or an unscoped "
-        "machine key)")
+        "machine key), then restart any agent that serves it")
 
 
 def _disagreement(name, app, env, version, stored):

@@ -70,6 +70,8 @@ import time
 
 import pytest
 
+from ovagent.core import protocol
+
 from . import harness
 from .conftest import REPORT
 
@@ -1179,6 +1181,9 @@ def test_s15_soak_hostile_clients_for_a_minute(box):
     REPORT["soak_caller"] = " ".join(summary)
     assert caller.returncode == 0 and summary[0] == "ok" and summary[3] == "0", caller.out
     assert int(summary[1]) > 0, caller.out
+    # Not a timing target (issue 14's is 1 s; REPORT shows it): no request waited for a
+    # stalled connection's deadline, or for a slot the attacker kept.
+    assert float(summary[5]) < protocol.REQUEST_TIMEOUT, caller.out
     assert agent_main_pid(box) == pid, "the agent restarted during the attack"
     counters = agent_counters(box)
     REPORT["soak_agent_counters"] = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
