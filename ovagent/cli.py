@@ -118,8 +118,8 @@ def derive_machine_key(*, out=None, app=None, force=False, vault=None,
 @MACHINE_KEY
 @PASSWORD_STDIN
 def upgrade(*, vault=None, machine_key=None, password_stdin=False):
-    """Upgrade a vault of format 1 to format 2, which keeps each environment's head
-    (its list of current versions), once: what is stored now is taken as current."""
+    """Upgrade a vault of format 1 to format 2, which keeps each secret's head (its
+    current version), once: what is stored now is taken as current."""
     from .core.vault import Vault
 
     opened = Vault.open(vault or paths.vault_path(), upgrading=True)
@@ -274,8 +274,8 @@ def secret_list(*, app=None, env=None, vault=None):
 @SECRET_NAME
 def secret_delete(name, *, app=None, env=None, vault=None, machine_key=None,
                   password_stdin=False):
-    """Delete a secret with all its versions (unlocking: the environment's head,
-    its list of current versions, is rewritten under the app's key)."""
+    """Delete a secret with all its versions (unlocking: its head, sealed under the
+    app's key, goes with it only after the store agrees with it)."""
     check_name(name)
     target = config.resolve(app, env, vault=True)
     opened = _open_vault(vault)

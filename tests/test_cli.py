@@ -1225,10 +1225,10 @@ def test_a_head_swapped_from_another_env_is_an_integrity_error(demo, expect_erro
     demo.ov("secret", "set", "DB_URL", "--app", "demo", "--env", "staging", *key,
             input="staging-url", check=0)
     write_sql(demo.path, "UPDATE heads SET head = (SELECT head FROM heads WHERE "
-                   "env = 'staging') WHERE env = 'production'")
+              "env = 'staging') WHERE env = 'production' AND name = 'DB_URL'")
     for secret_key in (demo.key, demo.scoped_key):
         expect_error(demo.ov(*run_all(secret_key)), 5,
-                     "head of demo/production: decryption failed")
+                     "head of secret DB_URL of demo/production: decryption failed")
     assert demo.ov("run", *key, "--app", "demo", "--env", "staging", "--",
                    "true").returncode == 0
 

@@ -205,12 +205,12 @@ def test_sqlite_failures_become_one_line_errors(tmp_path):
 
 @pytest.fixture
 def filled(store):
-    """The store with app a, env prod, secret S and the env's head."""
+    """The store with app a, env prod, secret S and its head."""
     with store.transaction():
         store.put_app(app("a"))
         store.create_env("a", "prod")
         store.put_secret(secret("S"))
-        store.put_head("a", "prod", CIPHERTEXT)
+        store.put_head("a", "prod", "S", CIPHERTEXT)
     return store
 
 
@@ -237,7 +237,7 @@ def write_loosely(path, table, column, value):
 
 READS = {"apps": lambda s: s.list_apps(), "envs": lambda s: s.list_envs("a"),
          "secrets": lambda s: s.latest_secrets("a", "prod"),
-         "heads": lambda s: s.get_head("a", "prod")}
+         "heads": lambda s: s.get_heads("a", "prod")}
 BAD_VALUES = {
     ("apps", "name"): b"a", ("apps", "wrapped_key"): WRAPPED[:-1],
     ("apps", "key_check"): "a text check", ("apps", "generation"): 0,
@@ -246,7 +246,7 @@ BAD_VALUES = {
     ("secrets", "name"): "1NOT_A_NAME", ("secrets", "version"): "one",
     ("secrets", "wrapped_dek"): WRAPPED + b"!", ("secrets", "ciphertext"): b"c" * 27,
     ("secrets", "created"): -1.0,
-    ("heads", "head"): "a text head",
+    ("heads", "name"): "1NOT_A_NAME", ("heads", "head"): "a text head",
 }
 
 
@@ -280,7 +280,7 @@ SCHEMA_EDITS = {
     "table": ("CREATE TABLE extra (x)", "table 'extra' is not ov's"),
     "dropped table": ("DROP TABLE heads", "table heads is missing"),
     "recreated without STRICT": (
-        "CREATE TABLE loose (app, env, head); INSERT INTO loose SELECT * FROM heads; "
+        "CREATE TABLE loose (app, env, name, head); INSERT INTO loose SELECT * FROM heads; "
         "DROP TABLE heads; ALTER TABLE loose RENAME TO heads", "table heads was altered"),
 }
 
@@ -319,18 +319,28 @@ def test_a_snapshot_reads_one_committed_state_and_holds_up_no_writer(filled):
             assert [r.version for r in filled.latest_secrets("a", "prod")] == [1]
             with writer.transaction():
                 writer.put_secret(secret("S", 2))
-                writer.put_head("a", "prod", CIPHERTEXT + b"2")
+                writer.put_head("a", "prod", "S", CIPHERTEXT + b"2")
             assert [r.version for r in filled.latest_secrets("a", "prod")] == [1]
-            assert filled.get_head("a", "prod") == CIPHERTEXT
+            assert filled.get_heads("a", "prod") == {"S": CIPHERTEXT}
         assert [r.version for r in filled.latest_secrets("a", "prod")] == [2]
     finally:
         writer.close()
 
 
+def test_heads_are_read_for_the_names_asked_or_all(filled):
+    with filled.transaction():
+        filled.put_head("a", "prod", "T", CIPHERTEXT + b"T")
+    assert filled.get_heads("a", "prod", ["T"]) == {"T": CIPHERTEXT + b"T"}
+    assert set(filled.get_heads("a", "prod")) == {"S", "T"}
+    with filled.transaction():
+        filled.delete_head("a", "prod", "S")
+    assert set(filled.get_heads("a", "prod")) == {"T"}
+
+
 def test_deleting_an_env_or_app_deletes_its_heads(filled):
     with filled.transaction():
         filled.create_env("a", "other")
-        filled.put_head("a", "other", CIPHERTEXT)
+        filled.put_head("a", "other", "S", CIPHERTEXT)
     with filled.transaction():
         filled.delete_env("a", "prod")
     assert sql(filled.path, "SELECT app, env FROM heads") == [("a", "other")]

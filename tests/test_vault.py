@@ -185,8 +185,7 @@ def blobs(built):
     found = blobs_of(built.data, built.work)
     assert {b.kind for b in found} == {"wrapped_kek", "kek_check", "wrapped_key",
                                       "key_check", "wrapped_dek", "ciphertext", "head"}
-    assert len(found) == (2 + 2 * len(APPS) + 2 * sum(map(len, CONTENT.values()))
-                          + len(CONTENT))
+    assert len(found) == 2 + 2 * len(APPS) + 3 * sum(map(len, CONTENT.values()))
     return found
 
 
@@ -463,21 +462,29 @@ TAMPERINGS = {
     "injected secret": (
         "INSERT INTO secrets SELECT app, env, 'Z', version, wrapped_dek, ciphertext, "
         "created FROM secrets WHERE app = 'demo' AND env = 'production' AND name = 'A'",
-        "secret Z of demo/production is not in its head, yet a record of version 1"),
+        "secret Z of demo/production has no head, yet a record of version 1"),
     "deleted secret": (
         "DELETE FROM secrets WHERE app = 'demo' AND env = 'production' AND name = 'B'",
         "secret B of demo/production is at version 1, but no record of it is stored"),
     "deleted head": (
+        "DELETE FROM heads WHERE app = 'demo' AND env = 'production' AND name = 'B'",
+        "secret B of demo/production has no head, yet a record of version 1"),
+    "deleted heads": (
         "DELETE FROM heads WHERE app = 'demo' AND env = 'production'",
-        "demo/production holds secrets but has no head"),
+        "has no head, yet a record of version"),
+    "head of another secret": (
+        "UPDATE heads SET head = (SELECT head FROM heads WHERE app = 'demo' AND "
+        "env = 'production' AND name = 'A') WHERE app = 'demo' AND env = 'production' "
+        "AND name = 'B'",
+        "head of secret B of demo/production: decryption failed"),
     "head of another env": (
         "UPDATE heads SET head = (SELECT head FROM heads WHERE env = 'staging') "
         "WHERE app = 'demo' AND env = 'production'",
-        "head of demo/production: decryption failed"),
+        "of demo/production: decryption failed"),
     "head of another app": (
         "UPDATE heads SET head = (SELECT head FROM heads WHERE app = 'other') "
         "WHERE app = 'demo' AND env = 'production'",
-        "head of demo/production: decryption failed"),
+        "of demo/production: decryption failed"),
 }
 
 
@@ -525,7 +532,7 @@ def test_rotation_reseals_heads_and_refuses_an_env_without_one(built, vault_dump
     write_sql(path, "DELETE FROM heads WHERE env = 'staging'")
     before = vault_dump(path)
     vault = Vault.open(str(path))
-    with pytest.raises(IntegrityError, match="demo/staging holds secrets but has no head"):
+    with pytest.raises(IntegrityError, match="of demo/staging has no head"):
         vault.rotate_app_key(vault.unlock_key(built.kek), "demo")
     vault.store.close()
     assert vault_dump(path) == before

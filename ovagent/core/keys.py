@@ -4,12 +4,13 @@ name, version), so that a blob moved to another place in the vault, or to anothe
 vault, fails to open instead of decrypting as something else.
 
     PWK --wraps--> KEK --wraps--> app key --wraps--> DEK --encrypts--> value
-                                          --seals--> head of each environment
+                                          --seals--> head of each secret
 
 Check blobs (an empty plaintext under a key) tell which key a machine key is.  A head
-lists the current version of every secret of an environment, with a digest of that
-version's ciphertext, sealed under the app key: a deleted, older, injected or swapped
-record then disagrees with it (vault.py checks that every read agrees).
+holds the current version of one secret, with a digest of that version's
+ciphertext, sealed under the app key and bound to the secret's app, environment and
+name: a deleted, older, injected or swapped record then disagrees with it (vault.py
+checks that every read agrees).
 
 The key check of an app also says that its vault keeps heads (format 2): its
 associated data differs from format 1's, so a vault whose format is written back to
@@ -21,7 +22,6 @@ import hashlib
 from . import canonical, crypto
 from .errors import AuthError, IntegrityError
 from .store import AppRecord
-from .validate import is_name
 
 APP_CHECK = "app-check+heads"       # format 2
 APP_CHECK_FORMAT_1 = "app-check"
@@ -139,31 +139,23 @@ class KeyHierarchy:
         digest pins the very record: versions start again at 1 after a delete."""
         return record.version, hashlib.sha256(record.ciphertext).digest()
 
-    def seal_head(self, app_key, app, env, head):
-        """Seal *head* (name -> head_entry) of app/env under the app key."""
-        fields = []
-        for name in sorted(head):
-            fields += [name, *head[name]]
-        return crypto.encrypt(app_key, canonical.encode(*fields),
-                              self._aad("head", app, env))
+    def seal_head(self, app_key, app, env, name, entry):
+        """Seal the head entry (head_entry()) of secret *name* of app/env under the
+        app key, bound to where it belongs."""
+        version, digest = entry
+        return crypto.encrypt(app_key, canonical.encode(version, digest),
+                              self._aad("head", app, env, name))
 
-    def open_head(self, app_key, app, env, blob):
-        """The head (name -> (version, digest)) sealed in *blob* for app/env."""
-        plain = crypto.decrypt(app_key, blob, self._aad("head", app, env),
-                               f"head of {app}/{env}")
+    def open_head(self, app_key, app, env, name, blob):
+        """The head entry (version, digest) sealed in *blob* for that secret."""
+        plain = crypto.decrypt(app_key, blob, self._aad("head", app, env, name),
+                               f"head of secret {name} of {app}/{env}")
         try:
-            fields = canonical.decode(plain)
-            if len(fields) % 3:
-                raise ValueError("not whole entries")
-            head, last = {}, ""
-            for i in range(0, len(fields), 3):
-                name, version, digest = (fields[i].decode("ascii"),
-                                         int(fields[i + 1]), fields[i + 2])
-                if (not is_name(name) or name <= last or version < 1
-                        or str(version).encode() != fields[i + 1]
-                        or len(digest) != DIGEST_LEN):
-                    raise ValueError("malformed entry")
-                head[name], last = (version, digest), name
-        except ValueError:   # UnicodeDecodeError is one
-            raise IntegrityError(f"head of {app}/{env} is malformed") from None
-        return head
+            version, digest = canonical.decode(plain)
+            if (int(version) < 1 or str(int(version)).encode() != version
+                    or len(digest) != DIGEST_LEN):
+                raise ValueError("malformed head")
+        except ValueError:   # also a wrong number of fields, or not digits
+            raise IntegrityError(f"head of secret {name} of {app}/{env} is malformed") \
+                from None
+        return int(version), digest

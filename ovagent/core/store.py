@@ -29,7 +29,7 @@ from . import files
 from .errors import IntegrityError, NotFoundError, OvError, UsageError
 from .validate import is_name, is_slug
 
-# Format 2 (SCHEMA_VERSION): format 1 plus each environment's head.  Format 1 vaults
+# Format 2 (SCHEMA_VERSION): format 1 plus each secret's head.  Format 1 vaults
 # are upgraded by 'ov auth upgrade' (vault.py); the text of both must never change, as
 # check_schema() compares a vault's schema with it.
 SCHEMA_VERSION = 2
@@ -66,8 +66,9 @@ HEADS_SCHEMA = """
 CREATE TABLE heads (
     app TEXT NOT NULL,
     env TEXT NOT NULL,
+    name TEXT NOT NULL,
     head BLOB NOT NULL,
-    PRIMARY KEY (app, env),
+    PRIMARY KEY (app, env, name),
     FOREIGN KEY (app, env) REFERENCES envs(app, name) ON DELETE CASCADE
 ) STRICT;
 """
@@ -96,7 +97,7 @@ COLUMNS = {
     "secrets": {"app": "slug", "env": "slug", "name": "name", "version": "number",
                 "wrapped_dek": "wrapped key", "ciphertext": "ciphertext",
                 "created": "time"},
-    "heads": {"app": "slug", "env": "slug", "head": "ciphertext"},
+    "heads": {"app": "slug", "env": "slug", "name": "name", "head": "ciphertext"},
 }
 
 
@@ -356,19 +357,29 @@ class SqliteStore(SqliteFile):
                           "DELETE FROM envs WHERE app = ? AND name = ?"):
             self._db.execute(statement, (app, env))
 
-    # -- heads: each environment's current versions, sealed (core/keys.py) ----
+    # -- heads: each secret's current version, sealed (core/keys.py) ---------
 
     @_guarded
-    def get_head(self, app, env):
-        row = self._db.execute("SELECT head FROM heads WHERE app = ? AND env = ?",
-                               (app, env)).fetchone()
-        return checked(self.path, "heads", ("head",), row)[0] if row else None
+    def get_heads(self, app, env, names=None):
+        """name -> sealed head of the secrets of app/env (only *names* if given)."""
+        query, params = "SELECT name, head FROM heads WHERE app = ? AND env = ?", [app, env]
+        if names is not None:
+            query += f" AND name IN ({','.join('?' * len(names))})"
+            params += list(names)
+        return dict(checked(self.path, "heads", ("name", "head"), row)
+                    for row in self._db.execute(query, params).fetchall())
 
     @_guarded
-    def put_head(self, app, env, head):
+    def put_head(self, app, env, name, head):
         self._db.execute(
-            "INSERT INTO heads (app, env, head) VALUES (?, ?, ?) "
-            "ON CONFLICT (app, env) DO UPDATE SET head = excluded.head", (app, env, head))
+            "INSERT INTO heads (app, env, name, head) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (app, env, name) DO UPDATE SET head = excluded.head",
+            (app, env, name, head))
+
+    @_guarded
+    def delete_head(self, app, env, name):
+        self._db.execute("DELETE FROM heads WHERE app = ? AND env = ? AND name = ?",
+                         (app, env, name))
 
     # -- secrets -------------------------------------------------------------
 
@@ -397,11 +408,6 @@ class SqliteStore(SqliteFile):
     def app_secret_versions(self, app):
         """Every stored version of every secret of an app (for key rotation)."""
         return self._secrets("SELECT {} FROM secrets WHERE app = ?", (app,))
-
-    @_guarded
-    def has_secrets(self, app, env):
-        return self._db.execute("SELECT 1 FROM secrets WHERE app = ? AND env = ? "
-                                "LIMIT 1", (app, env)).fetchone() is not None
 
     @_guarded
     def next_version(self, app, env, name):

@@ -9,13 +9,15 @@ enforced by cryptography, not by a policy check.  Rotating an app key re-wraps t
 app's DEKs and revokes every scoped machine key issued for it.  What wraps what, bound
 to what, is core/keys.py; this module keeps records and transactions around it.
 
-Each environment has a head, sealed under the app key: the current version of each
-of its secrets, and a digest of that version's ciphertext.  Every write of a secret
-rewrites it in the same transaction, and every read checks that the stored records
-are exactly the ones it names.  Someone who can write the vault file but holds no
-key can then delete, roll back, inject or swap single records only to make reads
-fail (IntegrityError), never to have an older value served; what remains is rolling
-a whole environment back to a state they copied earlier (docs/security.rst).
+Each secret has a head, sealed under the app key and bound to its app, environment
+and name: its current version, and a digest of that version's ciphertext.  Every
+write of a secret rewrites its head in the same transaction, and every read checks
+that the stored records are exactly the ones their heads name (a read of one secret
+opens one head, however many the environment holds).  Someone who can write the
+vault file but holds no key can then delete, roll back, inject or swap records only
+to make reads fail (IntegrityError) or a secret vanish whole, never to have an older
+value served; what remains is rolling secrets back with their heads to a state they
+copied earlier (docs/security.rst).
 
 A vault of format 1 has no heads: until 'ov auth upgrade' (upgrade()) it is refused
 for anything but listing, with a message naming that command.
@@ -178,9 +180,10 @@ class Vault:
                 self.store.rewrap_secret(secret,
                                          self.keys.rewrap_dek(old_key, new_key, secret))
             for env, _ in self.store.list_envs(app):
-                head = self.heads.get(old_key, app, env)
-                if head is not None:
-                    self.heads.put(new_key, app, env, head)
+                head = self.heads.get(old_key, app, env)   # and what it says is stored:
+                self.heads.agree(head, self.store.latest_secrets(app, env), app, env, None)
+                for name, entry in head.items():            # a rotation launders nothing
+                    self.heads.put(new_key, app, env, name, entry)
             self.store.put_app(record)
         return record.generation
 
@@ -232,16 +235,17 @@ class Vault:
         with self.store.transaction():
             self.require_env(app, env)
             app_key = keyring.app_key(app)       # as committed: not rotated meanwhile
-            head = self.heads.get(app_key, app, env) or {}
+            head = self.heads.get(app_key, app, env, sorted(values))
+            versions = {}
             for name, value in values.items():
                 record = SecretRecord(app, env, name,
                                       self.heads.checked_version(head, app, env, name) + 1,
                                       b"", b"", now)
                 self.keys.seal_secret(app_key, record, value)
                 self.store.put_secret(record)
-                head[name] = self.keys.head_entry(record)
-            self.heads.put(app_key, app, env, head)
-        return {name: head[name][0] for name in values}
+                self.heads.put(app_key, app, env, name, self.keys.head_entry(record))
+                versions[name] = record.version
+        return versions
 
     def delete_secret(self, keyring, app, env, name):
         """Delete a secret with every version, and take it off its head."""
@@ -250,12 +254,11 @@ class Vault:
         with self.store.transaction():
             self.require_env(app, env)
             app_key = keyring.app_key(app)
-            head = self.heads.get(app_key, app, env) or {}
+            head = self.heads.get(app_key, app, env, [name])
             if not self.heads.checked_version(head, app, env, name):
                 raise NotFoundError(f"no secret {name} in {app}/{env}")
             self.store.delete_secret(app, env, name)
-            del head[name]
-            self.heads.put(app_key, app, env, head)
+            self.store.delete_head(app, env, name)
 
     def list_secrets(self, app, env):
         """What the store holds (no key: nothing is checked against the head)."""
@@ -274,7 +277,7 @@ class Vault:
         with self.store.snapshot():          # the head and records of one state
             app_key = keyring.app_key(app)
             self.require_env(app, env)
-            head = self.heads.get(app_key, app, env) or {}
+            head = self.heads.get(app_key, app, env, names)
             records = self.store.latest_secrets(app, env, names)
         self.heads.agree(head, records, app, env, names)
         if names is not None and len(records) != len(names):
@@ -290,30 +293,26 @@ class Vault:
 
 
 class Heads:
-    """Each environment's head (vault.py's docstring): read and checked against the
-    store, or sealed and written, inside the caller's transaction or snapshot."""
+    """Each secret's head (vault.py's docstring): read and checked against the store,
+    or sealed and written, inside the caller's transaction or snapshot."""
 
     def __init__(self, store, keys):
         self.store = store
         self.keys = keys
 
-    def get(self, app_key, app, env):
-        """The head of app/env (name -> (version, digest)), or None: only an
-        environment that never held a secret has none."""
-        blob = self.store.get_head(app, env)
-        if blob is not None:
-            return self.keys.open_head(app_key, app, env, blob)
-        if self.store.has_secrets(app, env):
-            raise self.tampered(f"{app}/{env} holds secrets but has no head (the "
-                                "sealed list of their current versions)")
-        return None
+    def get(self, app_key, app, env, names=None):
+        """name -> (version, digest) of the heads of app/env (of *names* only, when
+        given: one secret costs one head, however many the environment holds)."""
+        return {name: self.keys.open_head(app_key, app, env, name, blob)
+                for name, blob in self.store.get_heads(app, env, names).items()}
 
-    def put(self, app_key, app, env, head):
-        self.store.put_head(app, env, self.keys.seal_head(app_key, app, env, head))
+    def put(self, app_key, app, env, name, entry):
+        self.store.put_head(app, env, name,
+                            self.keys.seal_head(app_key, app, env, name, entry))
 
     def upgrade(self, kek):
         """Format 1 -> 2 in one transaction: each app's key check says that it has
-        heads (core/keys.py), and each environment gets the head of the records
+        heads (core/keys.py), and each secret gets the head of its newest record
         stored now, the one moment they are trusted as they are: each must decrypt,
         but a row deleted before cannot be told.  What it pinned, [(app, env, name ->
         version)]; None if another process did it."""
@@ -328,9 +327,9 @@ class Heads:
                     records = self.store.latest_secrets(old.name, env)
                     for secret in records:
                         self.keys.open_secret(app_key, secret)
+                        self.put(app_key, old.name, env, secret.name,
+                                 self.keys.head_entry(secret))
                     if records:
-                        self.put(app_key, old.name, env, {
-                            r.name: self.keys.head_entry(r) for r in records})
                         pinned.append((old.name, env, {r.name: r.version
                                                        for r in records}))
                 self.store.put_app(record)
@@ -421,7 +420,7 @@ def _disagreement(name, app, env, version, stored):
     record is *stored* (0: none)."""
     where = f"secret {name} of {app}/{env}"
     if not version:
-        return f"{where} is not in its head, yet a record of version {stored} is stored"
+        return f"{where} has no head, yet a record of version {stored} is stored"
     if not stored:
         return f"{where} is at version {version}, but no record of it is stored"
     return f"{where} is at version {version}, its newest record says {stored}"
