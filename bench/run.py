@@ -55,7 +55,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny counts (smoke test); numbers are meaningless")
-    parser.add_argument("--sections", default="1,2,3,4,5,6",
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7",
                         help="comma-separated sections to run (default all)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table: py-spy profile of the agent under "
@@ -149,6 +149,8 @@ def run_sections(b, wanted):
         sections.section_scale(b, table, sorted(b.vaults))
     if 6 in wanted:
         sections.section_argon2(b, table)
+    if 7 in wanted:
+        sections.section_policy(b, table)
     table.sort_sections()
     return table
 

@@ -355,3 +355,21 @@ def section_argon2(b, table):
                   f"p={kdf['parallelism']})")
     table.add("argon2.unlock", "  unlock time", summary(data["times"], "range"), "s",
               fmt="{:.3f}")
+
+
+def section_policy(b, table):
+    count = 50 if b.quick else 2000
+    log(f"7. policy: {count} decisions of each kind in-process, 100 rules")
+    result = b.program("policy_decide.py", b.tmp / "policy.d", count, timeout=120,
+                       check=True)
+    data = json.loads(result.stdout)
+    table.section("7. Policy evaluation (in-process, 100 rules in one file, a fresh "
+                  "Caller per decision as per request)")
+    table.add("policy.named_first", "  2 named secrets, first rule allows",
+              summary(data["named_first"]), "us", scale=1e6)
+    table.add("policy_decide_us", "  2 named secrets, last rule allows",
+              summary(data["named_last"]), "us", scale=1e6, target="policy_decide_us")
+    table.add("policy.all_of_100", "  none named: 100 secrets of the env sorted",
+              summary(data["all_of_100"]), "us", scale=1e6)
+    table.info("policy.load", "  loading the policy (parse, checks, 100 rules)",
+               f"{data['load'] * 1e3:.1f} ms")

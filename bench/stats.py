@@ -14,6 +14,7 @@ TARGETS = {
     "rss_idle_mib": (40.0, "lt", "< 40 MiB"),
     "rss_growth_mib": (2.0, "le", "≤ 2 MiB"),
     "scale_one_ratio": (1.2, "le", "≤ 1.2x"),
+    "policy_decide_us": (50.0, "lt", "< 50 us"),
 }
 
 

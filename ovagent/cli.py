@@ -13,8 +13,8 @@ import argh
 from . import __version__
 from .client import config, options
 from .core import keyfile, paths, unlock
-from .core.errors import NotFoundError, OvError, UsageError, report_errors
-from .core.validate import check_name, check_slug
+from .core.errors import EXIT_AUTH, NotFoundError, OvError, UsageError, report_errors
+from .core.validate import DEFAULT_APP, DEFAULT_ENV, check_name, check_slug
 
 DESCRIPTION = ("ov: a local-first, zero-knowledge secrets vault, and an agent that "
                "releases its secrets to signed requests.  See ov(1).")
@@ -356,6 +356,11 @@ run.__doc__ = options.RUN_DOC
 
 PID_FILE = argh.arg("--pid-file", metavar="PATH",
                     help="pid file (default: ov-agent.pid beside the socket)")
+POLICY_DIR = argh.arg("--policy-dir", metavar="PATH",
+                      help="policy directory (default: /etc/ov/policy.d with --system, "
+                           "else $XDG_CONFIG_HOME/ov/policy.d)")
+POLICY_SYSTEM = argh.arg("--system", help="the system agent's policy (/etc/ov/policy.d) "
+                                          "instead of your own agent's")
 
 
 @argh.named("start")
@@ -377,9 +382,14 @@ PID_FILE = argh.arg("--pid-file", metavar="PATH",
                            "connect; else only the agent's own uid and root), and "
                            "use the system vault and key")
 @VAULT
+@POLICY_DIR
+@argh.arg("--policy", choices=("auto", "enforce"),
+          help="auto (the default): enforce the policy once a policy file exists, "
+               "else serve every request a key allows; enforce: deny whatever no "
+               "policy file allows, even with none")
 def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
                 foreground=False, max_clients=None, grace=None, drain=None,
-                system=False, vault=None):
+                system=False, vault=None, policy_dir=None, policy="auto"):
     """Start the agent: hold the key in memory and serve 'ov run --agent'."""
     from .agent import daemon
 
@@ -388,7 +398,8 @@ def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
     sys.exit(daemon.start(machine_key=machine_key, app=app, socket_path=socket,
                           pid_file=pid_file, foreground=foreground, vault=vault,
                           max_clients=max_clients, grace=grace, drain=drain,
-                          system=system))
+                          system=system, policy_dir=policy_dir,
+                          enforce_policy=policy == "enforce"))
 
 
 @argh.named("stop")
@@ -429,6 +440,7 @@ def agent_status(*, socket=None, pid_file=None, machine_key=None):
     print(f"mode: {info['mode']}; key scope: {info['scope']}; default app: "
           f"{info['default_app']}")
     print(f"requests: {counters}")
+    print(f"policy: {info.get('policy', 'not reported by this agent')}")
     if info.get("reason"):
         print(f"unconfigured: {info['reason']}")
 
@@ -456,6 +468,69 @@ def agent_install(*, machine_key=None, socket=None, unit_name=None, user=False,
                     user=user, enable=enable)
 
 
+# -- ov agent policy -------------------------------------------------------
+
+
+def _policy(policy_dir, system):
+    from .agent import daemon, policy_files
+
+    directory = policy_dir or paths.policy_dir(system)
+    return policy_files.load(directory, daemon.policy_owners(system))
+
+
+@argh.named("check")
+@argh.arg("--unit", metavar="UNIT", help="the caller's unit (a system unit, such as "
+                                         "myapp.service; default: none)")
+@argh.arg("--user", metavar="USER", required=True, help="the caller's user: a name or uid")
+@argh.arg("--group", metavar="GROUPS", help="the caller's groups, comma-separated names "
+                                            "or gids (default: USER's, from the group "
+                                            "database)")
+@APP
+@ENV
+@argh.arg("--secrets", metavar="NAMES", help="the secrets asked for, comma-separated "
+                                             "(default: none named: which may it get?)")
+@POLICY_SYSTEM
+@POLICY_DIR
+def policy_check(*, unit=None, user=None, group=None, app=None, env=None, secrets=None,
+                 system=False, policy_dir=None):
+    """Say whether the agent's policy lets a caller receive secrets (ALLOW, exit 0;
+    DENY, exit 4), and which rule decides; without the agent."""
+    from .agent.policy import Caller
+
+    caller = Caller.named(user, group.split(",") if group else None, unit)
+    app, env = check_slug("app", app or DEFAULT_APP), check_slug("env", env or DEFAULT_ENV)
+    policy = _policy(policy_dir, system)
+    if secrets:
+        decision = policy.decide(caller, app, env, [check_name(name) for name in
+                                                    secrets.split(",")])
+        print(f"ALLOW {secrets} of {app}/{env} to {caller} ({decision.rule})"
+              if decision.allowed else f"DENY: {decision.reason}")
+        sys.exit(0 if decision.allowed else EXIT_AUTH)
+    allows, denies = policy.speaking(caller, app, env)
+    if policy.enforcing and not allows:
+        print(f"DENY: no rule for {caller} allows {app}/{env}")
+        sys.exit(EXIT_AUTH)
+    print(f"ALLOW {caller} secrets of {app}/{env}: " + ("every secret (policy off)"
+          if not policy.enforcing else "; ".join(
+              f"{', '.join(rule.secrets.items)} ({rule.origin})" for rule in allows)))
+    for rule in denies:
+        print(f"except {', '.join(rule.secrets.items)} ({rule.origin})")
+
+
+@argh.named("show")
+@POLICY_SYSTEM
+@POLICY_DIR
+def policy_show(*, system=False, policy_dir=None):
+    """Print the rules in force, file by file, as the agent reads them (exit 2 and
+    why, if it would refuse them)."""
+    policy = _policy(policy_dir, system)
+    print(f"policy: {policy.summary()}")
+    for name, digest, count in policy.files:
+        print(f"{name}: {count} rule(s), sha256 {digest}")
+    for rule in policy.rules:
+        print(rule.describe())
+
+
 # -- assembly --------------------------------------------------------------
 
 GROUPS = [
@@ -468,6 +543,8 @@ GROUPS = [
     ("agent", "the agent daemon", [agent_start, agent_stop, agent_status,
                                    agent_install]),
 ]
+SUBGROUPS = [("agent", "policy", "the agent's per-caller policy",
+              [policy_check, policy_show])]
 
 
 def _add_group(parser, name, help_text, functions):
@@ -478,6 +555,13 @@ def _add_group(parser, name, help_text, functions):
     else:
         argh.add_commands(parser, functions, namespace=name,
                           namespace_kwargs={"help": help_text, "title": help_text})
+
+
+def _subcommand(parser, name):
+    """The parser of subcommand *name* (to give it subcommands of its own)."""
+    action = next(action for action in parser._actions
+                  if isinstance(action, argparse._SubParsersAction))
+    return action.choices[name]
 
 
 def _drop_short_options(parser):
@@ -524,6 +608,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"ov {__version__}")
     for name, help_text, functions in GROUPS:
         _add_group(parser, name, help_text, functions)
+    for group, name, help_text, functions in SUBGROUPS:
+        _add_group(_subcommand(parser, group), name, help_text, functions)
     argh.add_commands(parser, [run], func_kwargs={"help": RUN_HELP})
     _drop_short_options(parser)
     _plain_help(parser)

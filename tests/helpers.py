@@ -140,6 +140,15 @@ def proc_stat(pid):
         return None
 
 
+def cgroup2_mount():
+    """Where this host mounts cgroup2 (pure, or hybrid's unified), or None."""
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if os.path.exists(f"{root}/cgroup.procs") and os.path.exists(
+                f"{root}/cgroup.controllers"):
+            return root
+    return None
+
+
 def descriptor_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 

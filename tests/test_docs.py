@@ -36,8 +36,9 @@ def ov_help(*args):
 
 
 def choices(help_text):
-    """The subcommands listed in a usage line: {a,b,c}."""
-    match = re.search(r"\{([a-z,-]+)\}", help_text)
+    """The subcommands listed in a usage line: {a,b,c} ... (not an option's choices,
+    {auto,enforce}, which no "..." follows)."""
+    match = re.search(r"\{([a-z,-]+)\} \.\.\.", help_text)
     return match.group(1).split(",") if match else []
 
 
@@ -52,11 +53,20 @@ def option_strings(help_text):
 
 
 def commands():
-    """[(group, command or None)] for every command of ov, read from --help."""
+    """[(group, command or None)] for every command of ov, read from --help; a
+    command with commands of its own ("agent policy") gives one per leaf
+    ("policy check")."""
     found = []
     for group in choices(ov_help()):
-        subcommands = choices(ov_help(group)) if group != "run" else []
-        found += [(group, command) for command in subcommands] or [(group, None)]
+        leaves = [] if group == "run" else [[name] for name in choices(ov_help(group))]
+        while leaves:
+            path = leaves.pop(0)
+            deeper = choices(ov_help(group, *path))
+            if deeper:
+                leaves += [[*path, name] for name in deeper]
+            else:
+                found.append((group, " ".join(path)))
+        found += [] if any(entry[0] == group for entry in found) else [(group, None)]
     return found
 
 
@@ -88,7 +98,7 @@ def test_every_command_group_has_a_page():
 @pytest.mark.parametrize("group,command", COMMANDS,
                          ids=[" ".join(filter(None, c)) for c in COMMANDS])
 def test_every_option_is_in_the_man_page(pages, group, command):
-    args = [group] + ([command] if command else [])
+    args = [group] + (command.split() if command else [])
     options = option_strings(ov_help(*args))
     assert "--help" in options and len(options) >= 2, options
     text = roff_text(pages[PAGE_OF_GROUP[group]])
@@ -203,7 +213,7 @@ def test_bash_completion_knows_every_command_and_option(shell, tmp_path):
 
     for group, command in COMMANDS:
         assert named(group), group
-        if command:
-            assert named(command), (group, command)
-        for option in option_strings(ov_help(*filter(None, (group, command)))):
+        for word in (command or "").split():
+            assert named(word), (group, command)
+        for option in option_strings(ov_help(group, *(command or "").split())):
             assert named(option), (group, command, option)

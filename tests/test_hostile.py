@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (DEMO_SECRETS, OV, SETPRIV, Session, descriptor_count, frame_of,
-                     memory_copies, needs_setpriv, proc_stat, protocol, read_line,
-                     redact, signed, wait_for)
+from helpers import (DEMO_SECRETS, OV, SETPRIV, Session, cgroup2_mount, descriptor_count,
+                     frame_of, memory_copies, needs_setpriv, proc_stat, protocol,
+                     read_line, redact, signed, wait_for)
 from ovagent.agent.auth import NonceCache
 from ovagent.core import procfs
 from ovagent.agent.audit import JOURNAL_SOCKET
@@ -424,15 +424,6 @@ def test_descriptors_on_a_header_sent_byte_by_byte_are_refused_at_once(agent, tm
     assert "file descriptors sent" in reply["message"]
     wait_for(lambda: held(agent, mine) == 0,
              "the agent to close every descriptor we passed")
-
-
-def cgroup2_mount():
-    """Where this host mounts cgroup2 (pure, or hybrid's unified), or None."""
-    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-        if os.path.exists(f"{root}/cgroup.procs") and os.path.exists(
-                f"{root}/cgroup.controllers"):
-            return root
-    return None
 
 
 CGROUP_CLIENT = """

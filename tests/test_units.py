@@ -112,7 +112,8 @@ def test_catalog_substitutes_only_fields_the_agent_sends():
     text = (UNITS / "ov-agent.catalog").read_text()
     sent = {"MESSAGE", "MODE", "SCOPE", "SOCKET", "HARDENING", "REQUEST_ID", "OP", "APP",
             "ENV", "COMMAND", "SECRETS", "VERSIONS", "PEER_PID", "PEER_UID", "PEER_GID",
-            "PEER_UNIT", "CODE", "REASON", "CHILD_PID", "EXIT_STATUS", "OUTCOME", "RUNNING"}
+            "PEER_UNIT", "CODE", "REASON", "CHILD_PID", "EXIT_STATUS", "OUTCOME", "RUNNING",
+            "POLICY", "POLICY_RULE", "POLICY_DIR", "POLICY_FILES", "ERROR"}
     used = set(re.findall(r"@([A-Z0-9_]+)@", text))
     assert used <= sent, used - sent
 

@@ -29,8 +29,11 @@ MESSAGE_IDS = {
     "exited": "dcb7d95420d34b37b6fe98aee30ccad3",
     "stopping": "d6575c73dc01468e8059ecedd0b76f1d",
     "unconfigured": "a553112588694f158a83055a88dbd802",
+    "policy-loaded": "deab4ccbbb1540e78550de8b645e0ae5",
+    "policy-invalid": "d093f497cf6f4b8bb6f86dec7aec025e",
 }
-PRIORITY = {"denied": 4, "unconfigured": 3}  # warning, error; others are info (6)
+# warning, error; others are info (6)
+PRIORITY = {"denied": 4, "unconfigured": 3, "policy-invalid": 3}
 DENIAL_INTERVAL = 5.0     # seconds over which repeated denials make one record
 # The refusals any client that may connect can provoke without a key.
 COUNTED = frozenset({protocol.E_BAD_FRAME, protocol.E_TOO_LARGE, protocol.E_TIMEOUT,

@@ -13,6 +13,7 @@ from ..core.procfs import process_cgroups
 from ..core.vault import Vault
 from .audit import JOURNAL_SOCKET, Audit, journal_available, journal_sender
 from .auth import KeyState
+from .policy_files import PolicySource
 from .secmem import LockedPage, harden_process, wipe
 from .server import Server
 from .spawn import Spawner
@@ -148,9 +149,14 @@ def _remove_if_ours(path, inode):
 # -- starting ------------------------------------------------------------------
 
 
+def policy_owners(system):
+    """Who may own the policy files: root, and for a user's agent that user."""
+    return {0} if system else {0, os.geteuid()}
+
+
 def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
           foreground=False, vault=None, max_clients=None, grace=None, drain=None,
-          system=False):
+          system=False, policy_dir=None, enforce_policy=False):
     """Run the agent until SIGTERM; returns its exit status."""
     hardening = harden_process()
     systemd = under_systemd()
@@ -159,6 +165,8 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
         reason = None
     except Unconfigured as exc:
         vault_obj, mode, material, reason = None, "unconfigured", None, str(exc)
+    # Absolute before _detach() changes directory to /.
+    policy_dir = os.path.abspath(policy_dir or paths.policy_dir(system))
     listener = inherited_listener() if systemd else None
     created = None
     if listener is None:
@@ -176,8 +184,9 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
     try:
         if pid_file:
             _write_pid_file(pid_file, ready_w)
+        policy = PolicySource(policy_dir, policy_owners(system), enforce_policy, audit)
         state = AgentState(KeyState(vault_obj, keyring, mode, reason, subkey),
-                           default_app=app, all_users=system, audit=audit)
+                           default_app=app, all_users=system, audit=audit, policy=policy)
         server = Server(listener, state, Spawner(state, **_given(grace=grace)),
                         **_given(max_clients=max_clients, drain=drain))
         _announce(audit, state, socket_path, hardening + page.protections)
@@ -199,8 +208,11 @@ def _given(**options):
 def _announce(audit, state, socket_path, protections):
     where = socket_path or "systemd socket"
     mode = state.keys.mode
-    audit.event("started", f"ov-agent started on {where} ({mode})", mode=mode,
-                scope=state.keys.scope, socket=where, hardening=protections)
+    state.policy.load()
+    policy = state.policy.current.summary()
+    audit.event("started", f"ov-agent started on {where} ({mode}; policy: {policy})",
+                mode=mode, scope=state.keys.scope, socket=where, hardening=protections,
+                policy=policy)
     if mode == "interactive":
         audit.event("started", "interactive mode: unsigned requests are accepted only "
                     "from this uid, checked with SO_PEERCRED on every connection")

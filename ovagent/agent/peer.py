@@ -2,13 +2,15 @@
 fixed at connect() (SO_PEERCRED), a pidfd that pins the process, its systemd unit,
 and the world it lives in.
 
-A pid alone can be reused by another process between connect() and a /proc lookup.
+The supplementary groups come from SO_PEERGROUPS, also fixed at connect().  A pid
+alone can be reused by another process between connect() and a /proc lookup.
 The agent therefore takes a pidfd right after accept (SO_PEERPIDFD where the kernel
 has it, Linux 6.5+; else pidfd_open at once), and trusts what it read from
 /proc/PID only if the pidfd's process is still running after the read: a process
 that exited cannot lend its unit, or its world, to the next owner of its pid.
 """
 
+import errno
 import os
 import select
 import socket
@@ -17,6 +19,8 @@ import struct
 from ..core import procfs
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+NGROUPS_MAX = 65536
 
 class Peer:
     """The process at the other end of one accepted connection.  close() it."""
@@ -27,8 +31,11 @@ class Peer:
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
         self.pidfd = _peer_pidfd(conn, self.pid)
         try:
-            unit, cgroup = procfs.process_cgroups(self.pid)
-            self.unit, self.cgroup = (unit, cgroup) if self.running() else (None, None)
+            self.groups = _peer_groups(conn)
+            unit, cgroup, manager_uid = procfs.process_cgroups(self.pid)
+            if not self.running():
+                unit = cgroup = manager_uid = None
+            self.unit, self.cgroup, self.manager_uid = unit, cgroup, manager_uid
             self.owner = procfs.owner(self.cgroup, self.uid)
         except BaseException:
             self.close()
@@ -45,8 +52,11 @@ class Peer:
     def fields(self):
         """For audit records: the unit is always there ('none' outside any unit), so
         that the journal catalog's @PEER_UNIT@ is always filled in."""
-        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid,
-                "peer_unit": self.unit or "none"}
+        fields = {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid,
+                  "peer_unit": self.unit or "none"}
+        if self.manager_uid is not None:     # a unit of a user's own service manager
+            fields["peer_user_manager"] = f"user@{self.manager_uid}.service"
+        return fields
 
     def world(self):
         """The peer's world (procfs.world_of), or None when it cannot be read or the
@@ -72,3 +82,17 @@ def _peer_pidfd(conn, pid):
         return os.pidfd_open(pid)
     except OSError:
         return None   # gone already: nothing read from /proc/PID will be trusted
+
+
+def _peer_groups(conn):
+    """The peer's supplementary gids, as they were at connect()."""
+    size = 64 * 4
+    while True:
+        try:
+            data = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno != errno.ERANGE or size >= NGROUPS_MAX * 4:
+                raise
+            size = NGROUPS_MAX * 4
+            continue
+        return struct.unpack(f"{len(data) // 4}I", data[:len(data) // 4 * 4])

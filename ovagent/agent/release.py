@@ -12,7 +12,7 @@ def release(state, peer, req, subkey, request_id):
     """The requested secrets sealed to this request, as an encoded 'released'
     frame, recorded before it is returned: the client execs the command in its
     own world."""
-    app, env, revealed = state.reveal(req)
+    app, env, revealed, decision = state.reveal(req, peer)
     plaintext = seal.encode_secrets({name: value for name, (_, value)
                                      in revealed.items()})
     sealed = seal.seal(subkey, req, plaintext)
@@ -31,7 +31,7 @@ def release(state, peer, req, subkey, request_id):
                  f"uid {peer.uid} for {req['argv0']}", request_id=request_id,
                  app=app, env=env, secrets=names,
                  versions=[f"{name}={revealed[name][0]}" for name in names],
-                 command=req["argv0"], **peer.fields())
+                 command=req["argv0"], policy_rule=decision.rule, **peer.fields())
     revealed.clear()
     state.count("released")
     return frame

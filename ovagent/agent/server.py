@@ -8,8 +8,9 @@ here: they are short, and one thread holding the interpreter lock beats dozens
 handing it to each other (bench/: 28 context switches per request with a thread per
 connection).  A spawn request's connection moves to a thread of its own, which
 supervises the command until it exits.  The loop also feeds the systemd watchdog and
-handles signals: on SIGTERM it stops accepting, finishes what it has read, waits up
-to --drain seconds for spawned commands, then detaches from them.
+handles signals: on SIGHUP it reads the policy again; on SIGTERM it stops accepting,
+finishes what it has read, waits up to --drain seconds for spawned commands, then
+detaches from them.
 """
 
 import collections
@@ -274,8 +275,10 @@ class Server:
                 self._read(key.data)
 
     def _on_signals(self):
-        if self._stop_at is None and self._signals.received() & {signal.SIGTERM,
-                                                                 signal.SIGINT}:
+        received = self._signals.received()
+        if signal.SIGHUP in received:      # systemctl reload
+            self.notifier.notify(f"STATUS={self.state.reload_policy()}")
+        if self._stop_at is None and received & {signal.SIGTERM, signal.SIGINT}:
             self._stop_at = time.monotonic()
             self.listener.poll(False)
             self.notifier.stopping("stopping: waiting for running requests")
@@ -297,14 +300,12 @@ class Server:
 
     # -- one connection ---------------------------------------------------------------
 
-    def _active(self):
-        return len(self.connections) + self.spawner.running()
-
     def _admit(self, sock, peer):
         """Serve a new connection, or refuse it at once (uid not served, or busy)."""
         why = self.state.admits(peer)
         code = protocol.E_PEER
-        if why is None and self._active() >= self.max_clients and \
+        active = len(self.connections) + self.spawner.running()
+        if why is None and active >= self.max_clients and \
                 not self._make_room_for(peer.owner):
             self.state.count("busy")
             code, why = protocol.E_BUSY, (f"agent busy: {self.max_clients} requests "

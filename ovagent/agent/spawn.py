@@ -123,9 +123,10 @@ class Spawner:
         if len(fds) != 3:
             raise ProtocolError(protocol.E_BAD_REQUEST,
                                 "a spawn request must carry stdin, stdout and stderr")
-        app, env, revealed = self.state.reveal(req)
+        app, env, revealed, decision = self.state.reveal(req, peer)
         fields = dict(request_id=request_id, op="spawn", app=app, env=env,
-                      command=req["argv"][0], secrets=sorted(revealed), **peer.fields())
+                      command=req["argv"][0], secrets=sorted(revealed),
+                      policy_rule=decision.rule, **peer.fields())
         self.state.record("accepted", f"running {req['argv'][0]} for uid {peer.uid}", **fields)
         environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
         environ.update({name.encode(): value for name, (_, value) in revealed.items()})

@@ -15,15 +15,18 @@ from ..core.protocol import ProtocolError
 from ..core.validate import DEFAULT_APP, DEFAULT_ENV
 from .audit import Audit, Denials
 from .auth import NonceCache
+from .policy import Caller, PolicyDenied
+from .policy_files import PolicySource
 
 
 class AgentState:
     def __init__(self, keys, *, default_app=None, all_users=False, audit=None,
-                 clock=time.time):
+                 policy=None, clock=time.time):
         """keys: a KeyState; all_users: serve every uid (the system agent), else only
-        the agent's own uid and root; clock: the wall clock requests are checked
-        against (tests inject one)."""
+        the agent's own uid and root; policy: a PolicySource (None: policy off);
+        clock: the wall clock requests are checked against (tests inject one)."""
         self.keys = keys
+        self.policy = policy or PolicySource.off()
         self.default_app = default_app or keys.scope or DEFAULT_APP
         self.all_users = all_users
         self.audit = audit or Audit()
@@ -47,6 +50,12 @@ class AgentState:
             return None
         return f"uid {peer.uid} may not use this agent (it serves uid {self.uid})"
 
+    def reload_policy(self):
+        """SIGHUP: read the policy again (the next request is decided by it, or by
+        the previous one if it is invalid); what the agent is doing now."""
+        self.policy.load()
+        return f"serving ({self.keys.mode}); policy: {self.policy.current.summary()}"
+
     def refusal(self, peer, exc, **fields):
         """Record the exception that ends a request as a denial; return the error
         frame that answers it (an unexpected one as 'internal', by its type only)."""
@@ -59,7 +68,7 @@ class AgentState:
                                      f"internal error ({type(exc).__name__})", None)
         self.count("denied")
         self.denials.record(f"request denied: {message}", code, message, peer.owner,
-                            peer.fields(), **fields)
+                            peer.fields(), **getattr(exc, "audit_fields", {}), **fields)
         return protocol.error_frame(code, message, status)
 
     def status(self):
@@ -68,18 +77,36 @@ class AgentState:
         status = {"type": "status", "version": __version__, "pid": os.getpid(),
                   "uptime": int(time.monotonic() - self.started), "mode": self.keys.mode,
                   "scope": self.keys.scope or "all apps", "default_app": self.default_app,
-                  "counters": counters}
+                  "counters": counters, "policy": self.policy.current.summary()}
         if self.keys.reason:
             status["reason"] = self.keys.reason
         return status
 
-    def reveal(self, req):
-        """(app, env, name -> (version, value)) of a release or spawn request."""
+    def reveal(self, req, peer):
+        """(app, env, name -> (version, value), the policy's Decision) of a release or
+        spawn request from *peer*.  The policy decides before the vault is read (on
+        a request that names no secrets: whether any rule allows this caller
+        app/env), and on a request that names none again once the names of app/env
+        are known; a denial is PolicyDenied."""
         app, env = req["app"] or self.default_app, req["env"] or DEFAULT_ENV
+        policy, caller = self.policy.current, Caller.of(peer)
+        decisions = []
+
+        def allowed(names, available=()):
+            decision = policy.decide(caller, app, env, names, available)
+            if not decision.allowed:
+                raise PolicyDenied(decision, caller, app, env, names)
+            decisions.append(decision)
+            return decision.names
+
+        allowed(req["secrets"])      # a caller no rule speaks of learns nothing more
+        choose = None if req["secrets"] is not None else \
+            (lambda available: allowed(None, available))
         try:
             with self.keys.lock:
-                return app, env, self.keys.vault.reveal_versions(
-                    self.keys.keyring, app, env, req["secrets"])
+                revealed = self.keys.vault.reveal_versions(
+                    self.keys.keyring, app, env, req["secrets"], choose)
+            return app, env, revealed, decisions[-1]
         except NotFoundError as exc:
             raise ProtocolError(protocol.E_NOT_FOUND, str(exc)) from None
         except UsageError as exc:

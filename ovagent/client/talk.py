@@ -32,7 +32,7 @@ CONNECT_TIMEOUT = 60.0
 CONNECT_RETRY = 0.005      # seconds between tries while the agent's queue is full
 EXIT_FOR_CODE = {protocol.E_AUTH: EXIT_AUTH, protocol.E_STALE: EXIT_AUTH,
                  protocol.E_REPLAY: EXIT_AUTH, protocol.E_PEER: EXIT_AUTH,
-                 protocol.E_SPAWN_REFUSED: EXIT_AUTH,
+                 protocol.E_SPAWN_REFUSED: EXIT_AUTH, protocol.E_POLICY: EXIT_AUTH,
                  protocol.E_NOT_FOUND: EXIT_NOT_FOUND,
                  protocol.E_BAD_REQUEST: EXIT_USAGE}
 

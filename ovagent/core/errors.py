@@ -45,6 +45,10 @@ class UsageError(OvError):
     exit_code = EXIT_USAGE
 
 
+class PolicyError(UsageError):
+    """A policy file or directory that cannot be used (ovagent/agent/policy_files.py)."""
+
+
 class NotFoundError(OvError):
     exit_code = EXIT_NOT_FOUND
 

@@ -10,6 +10,7 @@ import os
 
 SYSTEM_VAULT = "/var/lib/ov/vault.db"
 SYSTEM_KEY = "/etc/ov/machine.kek"
+SYSTEM_POLICY = "/etc/ov/policy.d"
 SYSTEM_SOCKET = "/run/ov-agent/ov-agent.sock"
 SYSTEM_UNIT = "ov-agent.service"
 AGENT_DIR = "ov-agent"              # the socket's directory name, system and user
@@ -40,6 +41,12 @@ def key_path():
     if os.geteuid() == 0:
         return SYSTEM_KEY
     return os.path.join(config_home(), "ov", "machine.kek")
+
+
+def policy_dir(system=False):
+    """The agent's policy directory (ov-agent(8), POLICY): the system's for the system
+    agent, else its user's."""
+    return SYSTEM_POLICY if system else os.path.join(config_home(), "ov", "policy.d")
 
 
 def user_config():

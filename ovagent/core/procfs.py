@@ -25,26 +25,36 @@ CORE_LIMIT = "Max core file size"   # the agent lowers its own soft limit (secme
 
 
 def process_cgroups(pid):
-    """(systemd unit, cgroup2 path) of a process from one read of /proc/PID/cgroup.
-
-    The unit is the innermost service or scope (from the cgroup2 or name=systemd
-    hierarchy); the path is None on pure cgroup v1.  (None, None) if unreadable."""
+    """(systemd unit, cgroup2 path, user manager's uid) of a process from one read
+    of /proc/PID/cgroup (unit_of() says which unit; the path is None on pure cgroup
+    v1).  (None, None, None) if unreadable."""
     try:
         # A cgroup's name is any bytes its creator chose: never fail on them.
         with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
     except OSError:
-        return None, None
+        return None, None, None
     fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
-    paths = [path for _, controllers, path in fields
-             if controllers in ("", "name=systemd")]
-    unit = next((part for path in paths for part in reversed(path.split("/"))
-                 if part.endswith((".service", ".scope"))), None)
     cgroup2 = next((path.strip() for hierarchy, controllers, path in fields
                     if hierarchy == "0" and controllers == ""), None)
-    return unit, cgroup2
+    systemd = next((path.strip() for _, controllers, path in fields
+                    if controllers == "name=systemd"), None)
+    unit, manager_uid = unit_of(cgroup2 or systemd or "")
+    return unit, cgroup2, manager_uid
 
 
+def unit_of(path):
+    """(unit, user manager's uid or None) of cgroup *path*: the outermost service or
+    scope, the one the system's service manager made (a unit with Delegate= may make
+    cgroups of any name below it); inside a user's own manager (user@UID.service),
+    the outermost unit below that, whose name any process of that user can choose."""
+    units = [part for part in path.split("/") if part.endswith((".service", ".scope"))]
+    if not units:
+        return None, None
+    uid = units[0][len("user@"):-len(".service")]
+    if units[0].startswith("user@") and units[0].endswith(".service") and uid.isdigit():
+        return (units[1] if len(units) > 1 else None), int(uid)
+    return units[0], None
 def owner(cgroup, uid):
     """Whom a process counts as when the agent shares itself out: the user's slice
     (user-UID.slice, whatever uids its processes take in user namespaces), else the

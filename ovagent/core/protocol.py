@@ -63,6 +63,7 @@ E_BUSY = "busy"
 E_NOT_FOUND = "not-found"
 E_EXEC = "exec-failed"
 E_SPAWN_REFUSED = "spawn-refused"   # the caller's world is not the agent's
+E_POLICY = "policy-denied"         # the agent's policy refuses this caller
 E_UNCONFIGURED = "unconfigured"
 E_INTERNAL = "internal"
 

@@ -270,8 +270,10 @@ class Vault:
         return {name: value for name, (_, value) in
                 self.reveal_versions(keyring, app, env, names).items()}
 
-    def reveal_versions(self, keyring, app, env, names=None):
-        """As reveal(), with each secret's version: name -> (version, value)."""
+    def reveal_versions(self, keyring, app, env, names=None, choose=None):
+        """As reveal(), with each secret's version: name -> (version, value).
+        choose: for a request that names none, picks which of the secrets of
+        app/env to reveal (the agent's policy; it may raise)."""
         if names is not None:
             names = sorted({check_name(n) for n in names})
         with self.store.snapshot():          # the head and records of one state
@@ -284,11 +286,7 @@ class Vault:
             missing = sorted(set(names) - {r.name for r in records})
             raise NotFoundError(f"no secret {', '.join(missing)} in {app}/{env}")
         if names is None:
-            risky = [r.name for r in records if is_dangerous_name(r.name)]
-            if risky:
-                raise UsageError(
-                    f"{app}/{env} holds {', '.join(risky)}, which would change how "
-                    "programs load code; inject it only by naming it in --secrets")
+            records = _chosen(records, choose, app, env)
         return self.heads.reveal(app_key, head, records, app, env)
 
 
@@ -405,6 +403,19 @@ def _metadata(store):
                       f"format {SCHEMA_VERSION} at most")
     kdf.validate()
     return fields
+
+
+def _chosen(records, choose, app, env):
+    """Of the *records* of app/env, those a request that names none gets: the ones
+    *choose* picks (all, without it), none of them a loader or shell variable."""
+    if choose is not None:
+        chosen = set(choose([record.name for record in records]))
+        records = [record for record in records if record.name in chosen]
+    risky = [record.name for record in records if is_dangerous_name(record.name)]
+    if risky:
+        raise UsageError(f"{app}/{env} holds {', '.join(risky)}, which would change how "
+                         "programs load code; inject it only by naming it in --secrets")
+    return records
 
 
 def _outdated(path, version):

@@ -36,6 +36,10 @@ tree is installed into it; the scenarios then share that system, in this order
        untouched; the same across a package upgrade
   s8   the agent runs as _ov-agent without capabilities, with the default KillMode;
        systemd-analyze security is at most 1.5 and at most what the unit claims
+  s16  the policy: two units on one host, one allowed DATABASE_URL and refused
+       STRIPE_LIVE_KEY, one refused entirely, each visible in the journal with the
+       rule that decided; a reload changes the outcome without a restart, an
+       invalid policy is refused and the previous one kept
   s14  journalctl -x renders every catalog entry against a real record of its event
        with every @FIELD@ filled in (accepted and exited from a root agent that a root
        caller in the same world may --spawn from)
@@ -367,6 +371,9 @@ def test_s1_install_activates_socket_not_service(box):
     assert passwd[5:] == ["/var/lib/ov", "/usr/sbin/nologin"], passwd
     STATE["agent_uid"] = int(passwd[2])
     STATE["agent_gid"] = int(passwd[3])
+    # tmpfiles.d: /etc/ov, which the agent may enter (to read policy.d), not list.
+    assert box.run("stat", "-c", "%U %G %a", "/etc/ov", "/etc/ov/policy.d").out.split(
+        "\n") == [f"root {AGENT_USER} 710", "root root 755"]
     groups = box.run("id", "-Gn", AGENT_USER).out.split()
     assert STATE["group"] not in groups, \
         f"{AGENT_USER} needs no membership in {STATE['group']}: {groups}"
@@ -444,7 +451,6 @@ def test_s2_root_configures_vault_and_key(box):
     box.run("rm", "-rf", "/var/lib/ov")
     ov = ["/usr/bin/ov"]
     box.run(*ov, "auth", "init", "--password-stdin", input=PASSWORD + "\n")
-    box.run("install", "-d", "-m", "0700", "/etc/ov")
     box.run(*ov, "auth", "derive-machine-key", "--out", KEY, "--password-stdin",
             input=PASSWORD + "\n")
     key = ["--machine-key", KEY]
@@ -1042,6 +1048,137 @@ def test_s8_security_exposure_within_the_claim(box):
     assert score <= MAX_EXPOSURE, f"exposure {score} is above issue #12's {MAX_EXPOSURE}"
 
 
+# -- s16: per-caller policy ---------------------------------------------------------------
+
+POLICY_DIR = "/etc/ov/policy.d"
+POLICY_LOADED = "deab4ccbbb1540e78550de8b645e0ae5"
+POLICY_INVALID = "d093f497cf6f4b8bb6f86dec7aec025e"
+# The digest of one variable of the command's environment.  Usage: ov-digest-of NAME
+DIGEST_OF = """#!/bin/sh
+printf 'digest=%s\\n' "$(printenv "$1" | tr -d '\\n' | sha256sum | cut -d' ' -f1)"
+"""
+# The example of ov-agent(8), POLICY, for this host's two caller units.
+SHOP_POLICY = f"""[[allow]]
+unit    = "ov-shop.service"
+user    = "{CALLER}"
+app     = "{APP}"
+secrets = ["DATABASE_URL", "STRIPE_LIVE_KEY"]
+
+[[deny]]
+unit    = "*"
+app     = "{APP}"
+secrets = "STRIPE_LIVE_KEY"
+"""
+OTHER_POLICY = f"""[[allow]]
+unit    = "ov-other.service"
+user    = "{CALLER}"
+app     = "{APP}"
+secrets = "DATABASE_URL"
+"""
+
+
+def policy_records(box, message_id, pid):
+    return box.journal("-u", "ov-agent", f"MESSAGE_ID={message_id}", f"_PID={pid}")
+
+
+def reload_policy(box, pid, message_id=POLICY_LOADED):
+    """systemctl reload; the record of the reload that follows (the agent's pid is
+    unchanged: no restart)."""
+    before = len(policy_records(box, message_id, pid))
+    box.systemctl("reload", "ov-agent.service")
+    box.wait_for(lambda: len(policy_records(box, message_id, pid)) > before,
+                 timeout=15, what=f"a {message_id} record after the reload")
+    assert agent_main_pid(box) == pid, "the reload restarted the agent"
+    return policy_records(box, message_id, pid)[-1]
+
+
+def run_policy_caller(box, unit, secrets):
+    """ov run --agent in caller unit *unit* (as the caller user), asking for
+    *secrets* (None: naming none); the command prints the digests of both secrets.
+    (exit status, {name: digest}, output)."""
+    asked = f"--secrets {secrets} " if secrets else ""
+    props, out = run_unit(box, f"{unit}.service", caller_unit(unit, [
+        f"/usr/bin/ov run --agent --app {APP} --env {ENV} {asked}-- /bin/sh -c "
+        "'/usr/local/bin/ov-digest-of DATABASE_URL; "
+        "/usr/local/bin/ov-digest-of STRIPE_LIVE_KEY'"], type_="oneshot"))
+    digests = re.findall(r"^digest=([0-9a-f]{64})$", out, re.M)
+    seen = dict(zip(("DATABASE_URL", "STRIPE_LIVE_KEY"), digests))
+    return props["ExecMainStatus"], seen, out
+
+
+def test_s16_policy_decides_per_unit_and_reloads_without_restart(box):
+    """Two units on one host: ov-shop.service is allowed DATABASE_URL and refused
+    STRIPE_LIVE_KEY (a deny rule beats its allow), ov-other.service has no rule and
+    is refused entirely; the journal names the deciding rule of each; a reload adds
+    a rule (the next request is allowed, same agent pid), an invalid file is refused
+    on reload while the previous policy keeps deciding, ten reloads in a row harm
+    nothing; with the files gone, policy is off again."""
+    need("configured")
+    key = ["--machine-key", KEY]
+    for name, value in (("DATABASE_URL", VALUE), ("STRIPE_LIVE_KEY", OTHER)):
+        box.run("ov", "secret", "set", name, "--app", APP, "--env", ENV, *key,
+                input=value)
+    box.write("/usr/local/bin/ov-digest-of", DIGEST_OF, 0o755)
+    box.systemctl("start", "ov-agent.service")
+    pid = agent_main_pid(box)
+    box.write(f"{POLICY_DIR}/50-shop.toml", SHOP_POLICY)
+    try:
+        loaded = reload_policy(box, pid)
+        assert loaded["POLICY"].startswith("enforcing, 2 rule(s) from 1 file(s)"), loaded
+        assert re.search(r"50-shop\.toml:sha256=[0-9a-f]{64}:rules=2",
+                         loaded["POLICY_FILES"]), loaded
+        status, seen, out = run_policy_caller(box, "ov-shop", "DATABASE_URL")
+        assert status == "0" and seen["DATABASE_URL"] == digest(VALUE), (status, out)
+        status, seen, out = run_policy_caller(box, "ov-shop", "STRIPE_LIVE_KEY")
+        assert status == "4" and "policy" in out and not seen, (status, out)
+        status, seen, out = run_policy_caller(box, "ov-shop", None)
+        assert status == "0", out
+        assert seen == {"DATABASE_URL": digest(VALUE),
+                        "STRIPE_LIVE_KEY": EMPTY_DIGEST}, "not exactly the allowed set"
+        status, seen, out = run_policy_caller(box, "ov-other", "DATABASE_URL")
+        assert status == "4" and not seen, (status, out)
+        status, seen, out = run_policy_caller(box, "ov-other", None)
+        assert status == "4" and not seen, (status, out)
+        records = released(box, "PEER_UNIT=ov-shop.service", f"_PID={pid}")
+        assert [r["POLICY_RULE"] for r in records[-2:]] == ["50-shop.toml:allow#1"] * 2
+        assert records[-1]["SECRETS"] == "DATABASE_URL", records[-1]
+        denied = {r["PEER_UNIT"]: r for r in box.journal(
+            "-u", "ov-agent", f"MESSAGE_ID={DENIED}", "CODE=policy-denied", f"_PID={pid}")}
+        assert denied["ov-shop.service"]["POLICY_RULE"] == "50-shop.toml:deny#1", denied
+        assert denied["ov-other.service"]["POLICY_RULE"].startswith(
+            f"no rule for unit=ov-other.service uid={STATE['caller_uid']}"), denied
+        # A reload changes the outcome for the next request, without a restart.
+        box.write(f"{POLICY_DIR}/60-other.toml", OTHER_POLICY)
+        reload_policy(box, pid)
+        status, seen, out = run_policy_caller(box, "ov-other", "DATABASE_URL")
+        assert status == "0" and seen["DATABASE_URL"] == digest(VALUE), (status, out)
+        assert released(box, "PEER_UNIT=ov-other.service", f"_PID={pid}")[-1][
+            "POLICY_RULE"] == "60-other.toml:allow#1"
+        # An invalid file is refused whole; the previous policy keeps deciding.
+        box.write(f"{POLICY_DIR}/70-broken.toml", "[[allow]]\nunit = 'x.service'\n"
+                  "secret = 'TYPO'\n")
+        invalid = reload_policy(box, pid, POLICY_INVALID)
+        assert "unknown key 'secret'" in invalid["ERROR"], invalid
+        status, _, out = run_policy_caller(box, "ov-other", "DATABASE_URL")
+        assert status == "0", out
+        box.run("rm", f"{POLICY_DIR}/70-broken.toml")
+        for _ in range(10):
+            box.systemctl("reload", "ov-agent.service")
+        box.wait_for(lambda: box.show("ov-agent.service", "ActiveState")[
+            "ActiveState"] == "active", timeout=15, what="the agent active after reloads")
+        assert agent_main_pid(box) == pid, "ten reloads restarted the agent"
+        status, _, out = run_policy_caller(box, "ov-shop", "DATABASE_URL")
+        assert status == "0", out
+    finally:
+        box.run("sh", "-c", f"rm -f {POLICY_DIR}/*.toml")
+        box.systemctl("reload", "ov-agent.service", check=False)
+    off = box.wait_for(lambda: [r for r in policy_records(box, POLICY_LOADED, pid)
+                                if r["POLICY"] == "off"], timeout=15,
+                       what="policy off again")
+    assert off and "policy: off" in box.run("ov", "agent", "status").out
+    assert not journal_has_value(box), "a secret value reached the journal"
+
+
 # -- s14: every catalog entry, filled in ------------------------------------------------
 
 CATALOG_SOCKET = "/run/ov-catalog/agent.sock"
@@ -1081,7 +1218,8 @@ def test_s14_every_catalog_entry_renders_filled_in(box):
     spawned = spawn_through_root_agent(box)
     assert spawned.returncode == 0, spawned.err
     ids = catalog_ids(box)
-    assert set(ids) >= {RELEASED, ACCEPTED, DENIED, READY, EXITED, UNCONFIGURED}, ids
+    assert set(ids) >= {RELEASED, ACCEPTED, DENIED, READY, EXITED, UNCONFIGURED,
+                        POLICY_LOADED, POLICY_INVALID}, ids
     for message_id in ids:
         rendered = box.run("journalctl", "--no-pager", "-x", f"MESSAGE_ID={message_id}",
                            "-n", "1").out
@@ -1221,7 +1359,7 @@ def test_s9_remove_keeps_data_purge_cleans(box):
     assert not box.exists("/run/ov-agent"), "postrm removes the socket's directory"
     if STATE.get("configured"):
         assert box.exists(VAULT) and box.exists(KEY), "remove must keep vault and key"
-        assert box.run("stat", "-c", "%a", "/etc/ov").out.strip() == "700"
+        assert box.run("stat", "-c", "%a", "/etc/ov").out.strip() == "710"
     apt(box, "purge", "ov-agent")
     assert box.run("dpkg-query", "-W", "-f=${Status}", "ov-agent",
                    check=False).out in ("", "unknown ok not-installed")
@@ -1233,4 +1371,4 @@ def test_s9_remove_keeps_data_purge_cleans(box):
         # ov-agent(8): "The package never removes [the vault], nor the key, not even
         # on purge: remove them by hand."
         assert box.exists(VAULT) and box.exists(KEY), "purge must keep vault and key"
-        assert box.run("stat", "-c", "%a", "/etc/ov").out.strip() == "700"
+        assert box.run("stat", "-c", "%a", "/etc/ov").out.strip() == "710"
