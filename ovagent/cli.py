@@ -359,6 +359,10 @@ PID_FILE = argh.arg("--pid-file", metavar="PATH",
 POLICY_DIR = argh.arg("--policy-dir", metavar="PATH",
                       help="policy directory (default: /etc/ov/policy.d with --system, "
                            "else $XDG_CONFIG_HOME/ov/policy.d)")
+POLICY_MODE = argh.arg("--policy", choices=("auto", "enforce"),
+                       help="auto (the default): enforce the policy once a policy file "
+                            "exists, else serve every request a key allows; enforce: "
+                            "deny whatever no policy file allows, even with none")
 POLICY_SYSTEM = argh.arg("--system", help="the system agent's policy (/etc/ov/policy.d) "
                                           "instead of your own agent's")
 
@@ -383,10 +387,7 @@ POLICY_SYSTEM = argh.arg("--system", help="the system agent's policy (/etc/ov/po
                            "use the system vault and key")
 @VAULT
 @POLICY_DIR
-@argh.arg("--policy", choices=("auto", "enforce"),
-          help="auto (the default): enforce the policy once a policy file exists, "
-               "else serve every request a key allows; enforce: deny whatever no "
-               "policy file allows, even with none")
+@POLICY_MODE
 def agent_start(*, machine_key=None, app=None, socket=None, pid_file=None,
                 foreground=False, max_clients=None, grace=None, drain=None,
                 system=False, vault=None, policy_dir=None, policy="auto"):
@@ -471,11 +472,14 @@ def agent_install(*, machine_key=None, socket=None, unit_name=None, user=False,
 # -- ov agent policy -------------------------------------------------------
 
 
-def _policy(policy_dir, system):
+def _policy(policy_dir, system, policy):
+    """The policy the agent would load now (as root, though: unsandboxed)."""
     from .agent import daemon, policy_files
 
-    directory = policy_dir or paths.policy_dir(system)
-    return policy_files.load(directory, daemon.policy_owners(system))
+    directory = os.path.abspath(policy_dir or paths.policy_dir(system))
+    return policy_files.read_policy(directory, daemon.policy_owners(system),
+                                    enforce=policy == "enforce",
+                                    required=policy_dir is not None)
 
 
 @argh.named("check")
@@ -483,33 +487,35 @@ def _policy(policy_dir, system):
                                          "myapp.service; default: none)")
 @argh.arg("--user", metavar="USER", required=True, help="the caller's user: a name or uid")
 @argh.arg("--group", metavar="GROUPS", help="the caller's groups, comma-separated names "
-                                            "or gids (default: USER's, from the group "
-                                            "database)")
-@APP
-@ENV
+                                            "or gids, the primary first (default: "
+                                            "USER's, from the group database)")
+@argh.arg("--app", metavar="SLUG", help="the app asked for (default: default)")
+@argh.arg("--env", metavar="SLUG", help="the environment asked for (default: production)")
 @argh.arg("--secrets", metavar="NAMES", help="the secrets asked for, comma-separated "
                                              "(default: none named: which may it get?)")
 @POLICY_SYSTEM
 @POLICY_DIR
+@POLICY_MODE
 def policy_check(*, unit=None, user=None, group=None, app=None, env=None, secrets=None,
-                 system=False, policy_dir=None):
+                 system=False, policy_dir=None, policy="auto"):
     """Say whether the agent's policy lets a caller receive secrets (ALLOW, exit 0;
     DENY, exit 4), and which rule decides; without the agent."""
     from .agent.policy import Caller
 
     caller = Caller.named(user, group.split(",") if group else None, unit)
     app, env = check_slug("app", app or DEFAULT_APP), check_slug("env", env or DEFAULT_ENV)
-    policy = _policy(policy_dir, system)
+    policy = _policy(policy_dir, system, policy)
     if secrets:
         decision = policy.decide(caller, app, env, [check_name(name) for name in
                                                     secrets.split(",")])
         print(f"ALLOW {secrets} of {app}/{env} to {caller} ({decision.rule})"
               if decision.allowed else f"DENY: {decision.reason}")
         sys.exit(0 if decision.allowed else EXIT_AUTH)
-    allows, denies = policy.speaking(caller, app, env)
-    if policy.enforcing and not allows:
-        print(f"DENY: no rule for {caller} allows {app}/{env}")
+    decision = policy.decide(caller, app, env)
+    if not decision.allowed:
+        print(f"DENY: {decision.reason}")
         sys.exit(EXIT_AUTH)
+    allows, denies = policy.matching(caller, app, env)
     print(f"ALLOW {caller} secrets of {app}/{env}: " + ("every secret (policy off)"
           if not policy.enforcing else "; ".join(
               f"{', '.join(rule.secrets.items)} ({rule.origin})" for rule in allows)))
@@ -520,10 +526,11 @@ def policy_check(*, unit=None, user=None, group=None, app=None, env=None, secret
 @argh.named("show")
 @POLICY_SYSTEM
 @POLICY_DIR
-def policy_show(*, system=False, policy_dir=None):
-    """Print the rules in force, file by file, as the agent reads them (exit 2 and
-    why, if it would refuse them)."""
-    policy = _policy(policy_dir, system)
+@POLICY_MODE
+def policy_show(*, system=False, policy_dir=None, policy="auto"):
+    """Print the policy the agent would load now, file by file and rule by rule
+    (exit 2 and why, if it would refuse it)."""
+    policy = _policy(policy_dir, system, policy)
     print(f"policy: {policy.summary()}")
     for name, digest, count in policy.files:
         print(f"{name}: {count} rule(s), sha256 {digest}")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (DEMO_SECRETS, OV, SETPRIV, PROBE, cgroup2_mount, descriptor_count,
-                     needs_setpriv, redact, sha256, wait_for)
+from helpers import (DEMO_SECRETS, OV, SETPRIV, PROBE, answer, cgroup2_mount,
+                     descriptor_count, needs_setpriv, protocol, redact, sha256, signed,
+                     wait_for)
 
 DIGESTS = {name: sha256(value) for name, value in DEMO_SECRETS.items()}
 DENIED_EXIT = 4
@@ -116,10 +118,14 @@ def policy_line(agent):
 
 @pytest.mark.parametrize("exists", [False, True], ids=["no-directory", "empty-directory"])
 def test_without_policy_files_the_agent_serves_as_before(agents, tmp_path, exists):
-    directory = tmp_path / "policy.d"
+    """The default directory ($XDG_CONFIG_HOME/ov/policy.d) absent, or a named one
+    holding no policy file."""
+    options = ()
     if exists:
-        write_policy(directory, {"README": "not a policy file", ".hidden.toml": "x ="})
-    agent = agents.start("--policy-dir", str(directory))
+        directory = write_policy(tmp_path / "policy.d", {
+            "README": "not a policy file", ".hidden.toml": "x ="})
+        options = ("--policy-dir", str(directory))
+    agent = agents.start(*options)
     started = wait_record(agent, "started", "policy: off")
     assert "policy=off" in started[0], started
     assert policy_line(agent) == "policy: off"
@@ -128,6 +134,15 @@ def test_without_policy_files_the_agent_serves_as_before(agents, tmp_path, exist
     released = wait_record(agent, "released", count=2)
     assert all("policy_rule=policy off" in line for line in released), released
     assert not records(agent, "policy-invalid")
+
+
+def test_a_named_policy_directory_that_is_missing_denies_every_request(agents, tmp_path):
+    """--policy-dir names a directory that is not there (a typo, or one the agent's
+    sandbox hides): not 'policy off' but an invalid policy."""
+    agent = agents.start("--policy-dir", str(tmp_path / "typo.d"))
+    invalid = wait_record(agent, "policy-invalid", "no policy directory")
+    assert "denying every request" in invalid[0], invalid
+    refused(agent, tmp_path / "ran", "--secrets", "DB_URL")
 
 
 # -- a policy for root ------------------------------------------------------------------
@@ -187,6 +202,48 @@ def test_a_caller_no_rule_speaks_of_learns_nothing_of_the_vault(agents, tmp_path
     assert not records(agent, "released") and not records(agent, "accepted")
 
 
+def test_a_caller_that_exited_before_the_agent_saw_it_is_refused(agents, key, tmp_path):
+    """A key holder in a unit a deny rule names connects from a child that exits
+    before the agent reads its cgroup, and finishes the request from the parent: its
+    unit is unknown, not "none", and an enforcing policy refuses it (a rule naming
+    only its user would otherwise allow it, and the deny rule miss it)."""
+    directory = write_policy(tmp_path / "policy.d", {"10-demo.toml": """\
+[[allow]]
+user = "root"
+app = "demo"
+
+[[deny]]
+unit = "web.service"
+app = "demo"
+secrets = "DB_URL"
+"""})
+    agent = agents.start("--policy-dir", str(directory))
+    wait_record(agent, "policy-loaded", "1 file(s)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.kill(agent.pid, signal.SIGSTOP)         # the agent accepts only once it is gone
+    try:
+        child = os.fork()
+        if child == 0:
+            try:
+                sock.connect(str(agent.socket))
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    with sock:
+        sock.settimeout(5.0)
+        hello = answer(sock)
+        sock.sendall(protocol.encode_frame(signed(key, hello["challenge"], op="release",
+                                                  app="demo", env="production",
+                                                  secrets=["DB_URL"])))
+        reply = answer(sock)
+    assert reply["type"] == "error" and reply["code"] == protocol.E_POLICY, reply
+    denied = wait_record(agent, "denied", "code=policy-denied")
+    assert "exited before the agent could tell its unit" in denied[0], denied
+    assert not records(agent, "released")
+
+
 def test_deny_beats_allow_across_files(agents, tmp_path):
     directory = write_policy(tmp_path / "policy.d", {"10-allow.toml": ALLOW_ROOT_ALL,
                                                      "20-deny.toml": DENY_DB_URL})
@@ -205,8 +262,8 @@ def test_deny_beats_allow_across_files(agents, tmp_path):
     assert all("policy_rule=10-allow.toml:allow#1" in line for line in released), released
 
 
-@pytest.mark.parametrize("identity", ['group = "root"', 'unit = "*"', 'group = 0'],
-                         ids=["group-root", "any-unit", "gid-0"])
+@pytest.mark.parametrize("identity", ['group = "root"', 'unit = "*"\ngroup = "root"',
+                                      'group = 0'], ids=["group-root", "any-unit", "gid-0"])
 def test_root_must_be_named_to_be_allowed(agents, tmp_path, identity):
     """A rule that speaks of root only through its group, or of any unit, does not
     allow uid 0; the same rule naming the user does."""
@@ -567,11 +624,16 @@ def test_policy_check_says_allow_or_deny_and_which_rule(demo, tmp_path):
     assert result.returncode == 0, (result.out, result.err)
     assert result.out.startswith("ALLOW ") and "10-x.toml:allow#1" in result.out
     assert "except API_TOKEN (10-x.toml:deny#1)" in result.out, result.out
-    # Without policy files: policy off, everything allowed.
-    result = demo.ov("agent", "policy", "check", "--policy-dir", str(tmp_path / "none"),
-                     "--user", "root", "--app", "demo", "--env", "production",
-                     "--secrets", "DB_URL")
+    # Without policy files (the default directory, absent): policy off, allowed;
+    # with --policy enforce, denied.  A directory named but missing: an error.
+    ask = ("agent", "policy", "check", "--user", "root", "--app", "demo", "--env",
+           "production", "--secrets", "DB_URL")
+    result = demo.ov(*ask)
     assert result.returncode == 0 and result.out.startswith("ALLOW "), result.out
+    result = demo.ov(*ask, "--policy", "enforce")
+    assert result.returncode == DENIED_EXIT, (result.out, result.err)
+    result = demo.ov(*ask, "--policy-dir", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no policy directory" in result.err, result.err
     # A unit of a user's own manager: only a rule naming that user counts.
     result = check("--unit", "user@0.service/x.service", "--secrets", "DB_URL")
     assert result.returncode == 0 and result.out.startswith("ALLOW "), result.out
@@ -650,7 +712,8 @@ def test_policy_show_lists_the_rules_and_each_files_digest(demo, tmp_path):
     rule = next(line for line in lines if line.startswith("10-x.toml:deny#1: "))
     assert "deny" in rule and "API_TOKEN" in rule and "unit" in rule, rule
     # No files: policy off.
-    result = demo.ov("agent", "policy", "show", "--policy-dir", str(tmp_path / "none"))
+    empty = write_policy(tmp_path / "empty.d", {})
+    result = demo.ov("agent", "policy", "show", "--policy-dir", str(empty))
     assert result.returncode == 0 and result.out.strip() == "policy: off", result.out
 
 

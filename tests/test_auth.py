@@ -27,7 +27,7 @@ NOW = 1_800_000_000
 class Peer:
     def __init__(self, uid=os.geteuid(), unit="caller.service"):
         self.pid, self.uid, self.gid, self.unit = 4242, uid, 100, unit
-        self.groups, self.manager_uid = (), None
+        self.groups, self.manager_uid, self.located = (), None, True
         self.owner = f"uid {uid}"
 
     def fields(self):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ovagent.agent.audit import Audit
 from ovagent.agent.policy import Caller, Patterns, Policy, PolicyDenied
-from ovagent.agent.policy_files import MAX_FILE_BYTES, PolicySource, load, parse
+from ovagent.agent.policy_files import MAX_FILE_BYTES, PolicySource, parse, read_policy
 from ovagent.core import protocol
 from ovagent.core.errors import PolicyError, UsageError
 
@@ -122,7 +122,24 @@ def test_unit_glob_matches_template_instances_only():
 
 
 def test_a_unit_star_covers_callers_outside_any_unit():
-    assert allowed('[[allow]]\nunit = "*"\n', caller(None))
+    assert allowed('[[allow]]\nunit = "*"\nuser = 1000\n', caller(None))
+
+
+def test_an_allow_rule_for_any_unit_must_name_a_user_or_group():
+    for text in ('[[allow]]\nunit = "*"\n', '[[allow]]\nunit = ["a.service", "*"]\n'):
+        with pytest.raises(PolicyError, match="must name a user or group"):
+            rules(text)
+    assert rules('[[deny]]\nunit = "*"\n')
+
+
+def test_a_caller_whose_unit_could_not_be_read_is_refused():
+    """It exited before the agent read its cgroup: neither "no unit" (which a deny
+    rule naming a unit would miss) nor allowed by a rule naming only its user."""
+    gone = Caller(1000, (1000,), None, located=False)
+    decision = decide('[[allow]]\nuser = 1000\n[[deny]]\nunit = "web.service"\n',
+                      gone, ["STRIPE_LIVE_KEY"])
+    assert not decision.allowed and "exited before" in decision.reason
+    assert Policy().decide(gone, "a", "b", ["X"]).allowed      # policy off: as before
 
 
 def test_every_selector_given_must_match():
@@ -161,7 +178,7 @@ def test_a_list_matches_any_of_its_items():
 
 
 def test_app_and_env_globs():
-    text = '[[allow]]\nunit = "*"\napp = "my-*"\nenv = "prod-?"\n'
+    text = '[[allow]]\nunit = "*"\nuser = 1000\napp = "my-*"\nenv = "prod-?"\n'
     assert allowed(text, app="my-saas", env="prod-1")
     assert not allowed(text, app="your-saas", env="prod-1")
     assert not allowed(text, app="my-saas", env="prod-12")
@@ -259,7 +276,7 @@ def test_deny_rules_without_a_user_still_apply_to_root():
 def test_a_user_managers_unit_is_allowed_only_with_that_user_named():
     who = caller("myapp.service", uid=1000, manager_uid=1000)
     assert not allowed('[[allow]]\nunit = "myapp.service"\n', who)
-    assert not allowed('[[allow]]\nunit = "*"\n', who)
+    assert not allowed('[[allow]]\nunit = "*.service"\n', who)
     assert not allowed('[[allow]]\nunit = "myapp.service"\nuser = 1001\n', who)
     assert allowed('[[allow]]\nunit = "myapp.service"\nuser = 1000\n', who)
     assert allowed('[[allow]]\nunit = "myapp.service"\nuser = [1001, "1000"]\n', who)
@@ -300,9 +317,10 @@ def test_allow_star_never_covers_loader_and_shell_names():
 
 
 def test_allow_globs_never_cover_loader_names():
-    assert not allowed('[[allow]]\nunit = "*"\nsecrets = ["LD_*"]\n',
+    assert not allowed('[[allow]]\nunit = "*"\nuser = 1000\nsecrets = ["LD_*"]\n',
                        names=["LD_PRELOAD"])
-    assert not allowed('[[allow]]\nunit = "*"\nsecrets = ["PAT?"]\n', names=["PATH"])
+    assert not allowed('[[allow]]\nunit = "*"\nuser = 1000\nsecrets = ["PAT?"]\n',
+                       names=["PATH"])
 
 
 def test_allow_by_exact_name_covers_loader_names():
@@ -323,7 +341,7 @@ def test_a_deny_star_covers_loader_names():
         """
     assert not allowed(text, names=["PATH"])
     assert not allowed(text, names=["A"])
-    assert not allowed('[[allow]]\nunit = "*"\nsecrets = ["PATH"]\n'
+    assert not allowed('[[allow]]\nunit = "*"\nuser = 1000\nsecrets = ["PATH"]\n'
                        '[[deny]]\nunit = "*"\nsecrets = ["LD_*", "PA*"]\n', names=["PATH"])
 
 
@@ -354,8 +372,8 @@ def test_user_of_a_uid_without_a_name_matches_by_number():
 
 
 def test_policy_denied_tells_the_caller_what_and_the_audit_which_rule():
-    decision = decide('[[allow]]\nunit = "*"\n[[deny]]\nunit = "*"\nsecrets = ["B"]\n',
-                      names=["B"])
+    decision = decide('[[allow]]\nunit = "*"\nuser = 1000\n'
+                      '[[deny]]\nunit = "*"\nsecrets = ["B"]\n', names=["B"])
     error = PolicyDenied(decision, caller(), APP, ENV, ["B"])
     assert error.code == protocol.E_POLICY
     assert "unit=myapp.service uid=1000 to receive B of my-saas/production" in str(error)
@@ -479,7 +497,7 @@ def test_bad_unit_names_are_refused(unit, suggestion):
     "a.service", "a.scope", "myapp@*.service", "*", "session-*.scope",
     "a-b_c:d\\x2d.service", "[ab].service"])
 def test_unit_names_and_patterns_are_accepted(unit):
-    (rule,) = rules(f"[[allow]]\nunit = {json.dumps(unit)}\n")
+    (rule,) = rules(f"[[allow]]\nunit = {json.dumps(unit)}\ngroup = 0\n")
     assert rule.unit.items == (unit,)
 
 
@@ -655,7 +673,7 @@ def write(directory, name, text='[[allow]]\nunit = "a.service"\n', mode=0o644):
 
 def load_refusal(directory, owners=frozenset({0}), enforce=False):
     with pytest.raises(PolicyError) as info:
-        load(str(directory), owners, enforce)
+        read_policy(str(directory), owners, enforce)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -664,7 +682,7 @@ def load_refusal(directory, owners=frozenset({0}), enforce=False):
 def test_files_are_read_in_lexical_order(policy_dir):
     for name in ("20-b.toml", "10-a.toml", "9.toml"):
         write(policy_dir, name)
-    loaded = load(str(policy_dir), {0})
+    loaded = read_policy(str(policy_dir), {0})
     assert [name for name, _, _ in loaded.files] == ["10-a.toml", "20-b.toml", "9.toml"]
     assert [rule.origin for rule in loaded.rules] == [
         "10-a.toml:allow#1", "20-b.toml:allow#1", "9.toml:allow#1"]
@@ -675,7 +693,7 @@ def test_files_are_read_in_lexical_order(policy_dir):
 def test_files_record_their_digest_and_rule_count(policy_dir):
     path = write(policy_dir, "a.toml", ISSUE_EXAMPLE)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert load(str(policy_dir), {0}).files == [("a.toml", digest, 2)]
+    assert read_policy(str(policy_dir), {0}).files == [("a.toml", digest, 2)]
 
 
 def test_only_visible_toml_files_are_read(policy_dir):
@@ -683,9 +701,9 @@ def test_only_visible_toml_files_are_read(policy_dir):
         write(policy_dir, name, "not toml at all [[[")
     (policy_dir / "sub").mkdir()
     write(policy_dir / "sub", "x.toml", "not toml")
-    assert not load(str(policy_dir), {0}).enforcing
+    assert not read_policy(str(policy_dir), {0}).enforcing
     write(policy_dir, "real.toml")
-    assert [name for name, _, _ in load(str(policy_dir), {0}).files] == ["real.toml"]
+    assert [name for name, _, _ in read_policy(str(policy_dir), {0}).files] == ["real.toml"]
 
 
 def test_a_file_owned_by_another_uid_is_refused(policy_dir):
@@ -698,13 +716,13 @@ def test_a_file_owned_by_another_uid_is_refused(policy_dir):
 def test_a_file_owned_by_an_allowed_uid_is_accepted(policy_dir):
     path = write(policy_dir, "a.toml")
     os.chown(path, NOBODY, NOBODY)
-    assert len(load(str(policy_dir), {0, NOBODY}).rules) == 1
+    assert len(read_policy(str(policy_dir), {0, NOBODY}).rules) == 1
 
 
 def test_a_directory_owned_by_an_allowed_uid_is_accepted(policy_dir):
     write(policy_dir, "a.toml")
     os.chown(policy_dir, NOBODY, NOBODY)
-    assert len(load(str(policy_dir), {0, NOBODY}).rules) == 1
+    assert len(read_policy(str(policy_dir), {0, NOBODY}).rules) == 1
     assert f"directory {policy_dir} is owned by uid {NOBODY}" in load_refusal(policy_dir)
 
 
@@ -717,7 +735,7 @@ def test_a_group_or_other_writable_file_is_refused(policy_dir, mode):
 
 def test_a_private_file_is_accepted(policy_dir):
     write(policy_dir, "a.toml", mode=0o600)
-    assert load(str(policy_dir), {0}).enforcing
+    assert read_policy(str(policy_dir), {0}).enforcing
 
 
 @pytest.mark.parametrize("mode", [0o775, 0o757, 0o1777])
@@ -759,34 +777,34 @@ def test_a_world_writable_directory_above_is_refused_unless_sticky(tmp_path):
     assert load_refusal(above / "policy.d") == (f"directory {above} is writable by group "
                                                 "or others: refusing its policy")
     above.chmod(0o1777)
-    assert len(load(str(above / "policy.d"), {0}).rules) == 1
+    assert len(read_policy(str(above / "policy.d"), {0}).rules) == 1
 
 
 def test_a_file_over_the_size_limit_is_refused(policy_dir):
     rule = '[[allow]]\nunit = "a.service"\n'
     path = write(policy_dir, "big.toml", rule + "#" * (MAX_FILE_BYTES - len(rule)))
-    assert len(load(str(policy_dir), {0}).rules) == 1
+    assert len(read_policy(str(policy_dir), {0}).rules) == 1
     path.write_text(rule + "#" * (MAX_FILE_BYTES + 1 - len(rule)))
     assert load_refusal(policy_dir) == f"{path} is larger than {MAX_FILE_BYTES} bytes"
 
 
 def test_a_missing_directory_is_policy_off_or_enforcing_with_no_rules(tmp_path):
     missing = str(tmp_path / "nowhere" / "policy.d")
-    off = load(missing, {0})
+    off = read_policy(missing, {0})
     assert not off.enforcing and off.rules == [] and off.summary() == "off"
-    enforced = load(missing, {0}, enforce=True)
+    enforced = read_policy(missing, {0}, enforce=True)
     assert enforced.enforcing and enforced.rules == []
     assert not enforced.decide(caller(), APP, ENV, None, ["A"]).allowed
 
 
 def test_an_empty_directory_is_policy_off(policy_dir):
-    assert not load(str(policy_dir), {0}).enforcing
-    assert load(str(policy_dir), {0}, enforce=True).enforcing
+    assert not read_policy(str(policy_dir), {0}).enforcing
+    assert read_policy(str(policy_dir), {0}, enforce=True).enforcing
 
 
 def test_a_file_without_rules_turns_policy_on(policy_dir):
     write(policy_dir, "empty.toml", "# nothing yet\n")
-    loaded = load(str(policy_dir), {0})
+    loaded = read_policy(str(policy_dir), {0})
     assert loaded.enforcing and loaded.rules == []
 
 
@@ -910,9 +928,23 @@ def test_named_caller_groups_default_to_the_group_database():
     assert ROOT_GROUP in who.groups and "0" in who.groups
 
 
-def test_named_caller_with_groups_keeps_the_primary_first():
+def test_named_caller_groups_are_exactly_those_given():
+    """A service with Group= and SupplementaryGroups= need not have its user's
+    primary group: --group is the whole list, the primary first."""
     who = Caller.named(OTHER_USER.pw_name, [ROOT_GROUP, str(OTHER_GROUP.gr_gid)])
-    assert who.gids == (OTHER_USER.pw_gid, 0, OTHER_GROUP.gr_gid)
+    assert who.gids == (0, OTHER_GROUP.gr_gid)
+
+
+def test_named_caller_of_a_uid_without_a_name_needs_its_groups():
+    unnamed = 4242424
+    assert Caller.named(str(unnamed), ["0"]).uid == unnamed
+    with pytest.raises(UsageError, match="--group"):
+        Caller.named(str(unnamed))
+
+
+def test_named_caller_unit_must_be_a_service_or_scope():
+    with pytest.raises(UsageError, match="shop.service"):
+        Caller.named("root", unit="shop.slice")
 
 
 def test_named_caller_in_a_system_unit_and_a_user_managers_unit():

@@ -165,7 +165,9 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
         reason = None
     except Unconfigured as exc:
         vault_obj, mode, material, reason = None, "unconfigured", None, str(exc)
-    # Absolute before _detach() changes directory to /.
+    # Absolute before _detach() changes directory to /.  A directory named with
+    # --policy-dir must exist; the default one may not (policy off).
+    policy_required = policy_dir is not None
     policy_dir = os.path.abspath(policy_dir or paths.policy_dir(system))
     listener = inherited_listener() if systemd else None
     created = None
@@ -184,7 +186,8 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
     try:
         if pid_file:
             _write_pid_file(pid_file, ready_w)
-        policy = PolicySource(policy_dir, policy_owners(system), enforce_policy, audit)
+        policy = PolicySource(policy_dir, policy_owners(system), enforce_policy, audit,
+                              required=policy_required)
         state = AgentState(KeyState(vault_obj, keyring, mode, reason, subkey),
                            default_app=app, all_users=system, audit=audit, policy=policy)
         server = Server(listener, state, Spawner(state, **_given(grace=grace)),

@@ -32,9 +32,11 @@ class Peer:
         self.pidfd = _peer_pidfd(conn, self.pid)
         try:
             self.groups = _peer_groups(conn)
-            unit, cgroup, manager_uid = procfs.process_cgroups(self.pid)
-            if not self.running():
-                unit = cgroup = manager_uid = None
+            found = procfs.process_cgroups(self.pid)
+            # located: the cgroup was read while the process still ran (else its
+            # unit is unknown, not "none": the policy refuses such a caller).
+            self.located = found is not None and self.running()
+            unit, cgroup, manager_uid = found if self.located else (None, None, None)
             self.unit, self.cgroup, self.manager_uid = unit, cgroup, manager_uid
             self.owner = procfs.owner(self.cgroup, self.uid)
         except BaseException:

@@ -54,30 +54,42 @@ class Caller:
     uid of the user manager that unit belongs to (None: the system's manager).
     Names are looked up only when a rule names users or groups."""
 
-    def __init__(self, uid, gids, unit, manager_uid=None):
+    def __init__(self, uid, gids, unit, manager_uid=None, located=True):
+        """located: False when the caller's cgroup could not be read (it exited
+        first): its unit is unknown, and an enforcing policy refuses it."""
         self.uid, self.gids, self.unit, self.manager_uid = uid, tuple(gids), unit, \
             manager_uid
+        self.located = located
 
     @classmethod
     def of(cls, peer):
-        return cls(peer.uid, (peer.gid, *peer.groups), peer.unit, peer.manager_uid)
+        return cls(peer.uid, (peer.gid, *peer.groups), peer.unit, peer.manager_uid,
+                   peer.located)
 
     @classmethod
     def named(cls, user, groups=None, unit=None):
         """A caller described by names (ov agent policy check): *user* (a name or
-        uid), *groups* (names or gids; None: the user's, from the group database),
+        uid), *groups* (names or gids, the primary first; None: the user's, from the
+        group database),
         *unit* (a system unit, or user@UID.service/UNIT for a user manager's)."""
+        numeric = user.isascii() and user.isdigit()
         try:
-            entry = (pwd.getpwuid(int(user)) if user.isascii() and user.isdigit()
-                     else pwd.getpwnam(user))
+            entry = pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(user)
         except KeyError:
-            raise UsageError(f"no user {user!r}") from None
-        if groups is None:
+            if not numeric:
+                raise UsageError(f"no user {user!r}") from None
+            entry = None                 # a uid without a name (DynamicUser=)
+        if groups is not None:
+            gids = [_gid(group) for group in groups]
+        elif entry is not None:
             gids = os.getgrouplist(entry.pw_name, entry.pw_gid)
         else:
-            gids = [entry.pw_gid, *(_gid(group) for group in groups)]
+            raise UsageError(f"uid {user} has no name: give its groups with --group")
+        if unit and not unit.endswith((".service", ".scope")):
+            raise UsageError(f"{unit!r}: a caller's unit is a service or a scope "
+                             f"(such as {unit.rsplit('.', 1)[0]}.service)")
         unit, manager_uid = procfs.unit_of(unit or "")
-        return cls(entry.pw_uid, gids, unit, manager_uid)
+        return cls(int(user) if entry is None else entry.pw_uid, gids, unit, manager_uid)
 
     @functools.cached_property
     def users(self):
@@ -89,14 +101,7 @@ class Caller:
 
     @functools.cached_property
     def groups(self):
-        keys = set()
-        for gid in self.gids:
-            keys.add(str(gid))
-            try:
-                keys.add(grp.getgrgid(gid).gr_name)
-            except KeyError:
-                pass
-        return keys
+        return set().union(*map(group_keys, self.gids))
 
     def __str__(self):
         unit = self.unit or "none"
@@ -113,12 +118,29 @@ def _gid(group):
         raise UsageError(f"no group {group!r}") from None
 
 
+@functools.lru_cache(maxsize=1024)
 def user_keys(uid):
-    """What a rule's user selector may call *uid*: its number and its name."""
+    """What a rule's user selector may call *uid*: its number and its name.  Cached
+    (a slow name service would stall every request) until the policy is reloaded."""
     try:
-        return {str(uid), pwd.getpwuid(uid).pw_name}
+        return frozenset({str(uid), pwd.getpwuid(uid).pw_name})
     except KeyError:
-        return {str(uid)}
+        return frozenset({str(uid)})
+
+
+@functools.lru_cache(maxsize=1024)
+def group_keys(gid):
+    """What a rule's group selector may call *gid*, cached as user_keys()."""
+    try:
+        return frozenset({str(gid), grp.getgrgid(gid).gr_name})
+    except KeyError:
+        return frozenset({str(gid)})
+
+
+def forget_names():
+    """A reload: look user and group names up afresh."""
+    user_keys.cache_clear()
+    group_keys.cache_clear()
 
 
 class Rule:
@@ -200,11 +222,11 @@ class Policy:
         return (f"enforcing, {len(self.rules)} rule(s) from {len(self.files)} file(s)"
                 f" in {self.directory}")
 
-    def speaking(self, caller, app, env):
+    def matching(self, caller, app, env):
         """(allow rules, deny rules) that speak of *caller* asking for app/env."""
-        speaking = [rule for rule in self.rules if rule.applies(caller, app, env)]
-        return ([rule for rule in speaking if rule.effect == ALLOW],
-                [rule for rule in speaking if rule.effect == DENY])
+        matching = [rule for rule in self.rules if rule.applies(caller, app, env)]
+        return ([rule for rule in matching if rule.effect == ALLOW],
+                [rule for rule in matching if rule.effect == DENY])
 
     def decide(self, caller, app, env, names=None, available=()):
         """Which of *names* (None: of the *available* ones) *caller* may receive from
@@ -212,7 +234,10 @@ class Policy:
         wanted = available if names is None else names
         if not self.enforcing:
             return Decision(True, wanted, reason="policy off")
-        allows, denies = self.speaking(caller, app, env)
+        if not caller.located:
+            return Decision(False, reason=f"the caller (uid {caller.uid}) exited before "
+                                          "the agent could tell its unit")
+        allows, denies = self.matching(caller, app, env)
         if not allows:
             return Decision(False, reason=f"no rule for {caller} allows {app}/{env}")
         granted, deciding = [], []
@@ -229,12 +254,12 @@ class Policy:
         if wanted and not granted:
             return Decision(False, reason=f"no rule for {caller} allows any secret "
                                           f"{app}/{env} holds")
-        return Decision(True, granted, deciding)
+        return Decision(True, granted, deciding, reason="no secret asked for or held")
 
 
 class PolicyDenied(ProtocolError):
-    """A request the policy refuses: the caller learns what was refused, the audit
-    record also which rule decided (or that none allowed it)."""
+    """A request the policy refuses: the caller learns that its request was refused,
+    the audit record also which rule decided (or that none allowed it)."""
 
     def __init__(self, decision, caller, app, env, names):
         what = ", ".join(names) if names else "any secret"

@@ -7,10 +7,13 @@ it, could hand themselves any secret.  Each file, the directory and every direct
 above it must therefore be owned by root (or, for a user's agent, by that user);
 the files and the directory must not be writable by group or others, and a
 directory above may be only if it is sticky (/tmp).  The walk goes from directory
-descriptor to directory descriptor without following symbolic links, and each
-file is checked with fstat() on the descriptor it is read from.  Anything wrong
-(unsafe, unreadable, too large, not valid TOML, an unknown key, a rule that names
-no unit, user or group) refuses the whole policy: the previous one stays in force.
+descriptor to directory descriptor; a symbolic link on the way (a dotfile manager's
+~/.config) is followed by hand, only if root or that user owns it, and every
+directory of its target is checked in turn; the files themselves must not be
+links.  Each file is checked with fstat() on the descriptor it is read from.
+Anything wrong (unsafe, unreadable, too large, not valid TOML, an unknown key, a
+rule that names no unit, user or group, a directory named with --policy-dir that
+is missing) refuses the whole policy: the previous one stays in force.
 """
 
 import hashlib
@@ -20,29 +23,36 @@ import tomllib
 
 from ..core.errors import PolicyError
 from ..core.validate import NAME_CHARACTERS, SLUG_CHARACTERS, is_name, is_slug
-from .policy import ALLOW, DENY, GLOB_CHARACTERS, Policy, Rule, is_glob
+from .policy import ALLOW, DENY, GLOB_CHARACTERS, Policy, Rule, forget_names, is_glob
 
 SUFFIX = ".toml"
 MAX_FILES = 256
 MAX_FILE_BYTES = 256 * 1024
+MAX_TOTAL_BYTES = 1024 * 1024      # all files: parsed in the event loop, on reload
+MAX_SYMLINKS = 40
 MAX_RULES = 10_000
 MAX_ITEMS = 1024                  # values of one selector
 MAX_ITEM_LEN = 256
 IDENTITY_KEYS = ("unit", "user", "group")
 KEYS = (*IDENTITY_KEYS, "app", "env", "secrets")
-UNIT_CHARACTERS = (frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                             "0123456789:-_.\\@") | GLOB_CHARACTERS | {"]", "!"})
-USER_CHARACTERS = NAME_CHARACTERS | frozenset(".-$")
-_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GLOB_SYNTAX = GLOB_CHARACTERS | {"]", "!"}
+UNIT_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                            "0123456789:-_.\\@") | _GLOB_SYNTAX
+USER_CHARACTERS = NAME_CHARACTERS | frozenset(".-$@")
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_ENTRY_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def load(directory, owners, enforce=False):
-    """The Policy of *directory*'s files (owned by a uid in *owners*); without any,
-    policy off, or with *enforce* a policy of no rules (every request denied).
-    PolicyError when anything in it is wrong."""
+def read_policy(directory, owners, enforce=False, required=False):
+    """The Policy of *directory*'s files (owned by a uid in *owners*).  Without the
+    directory (*required*: an error) or any file in it, policy off, or with
+    *enforce* a policy of no rules (every request denied).  PolicyError when
+    anything in it is wrong."""
     fd = _open_directory(directory, owners)
     if fd is None:
+        if required:
+            raise PolicyError(f"no policy directory {directory}")
         return Policy(enforcing=enforce, directory=directory)
     try:
         names = sorted(name for name in os.listdir(fd)
@@ -50,40 +60,50 @@ def load(directory, owners, enforce=False):
         if len(names) > MAX_FILES:
             raise PolicyError(f"{directory} holds {len(names)} policy files; the limit "
                               f"is {MAX_FILES}")
-        rules, files = [], []
-        for name in names:
-            data = _read(fd, name, directory, owners)
-            found = parse(name, data)
-            rules += found
-            files.append((name, hashlib.sha256(data).hexdigest(), len(found)))
-        if len(rules) > MAX_RULES:
-            raise PolicyError(f"{directory} holds {len(rules)} rules; the limit is "
-                              f"{MAX_RULES}")
+        contents = [(name, _read(fd, name, directory, owners)) for name in names]
     finally:
         os.close(fd)
+    if sum(len(data) for _, data in contents) > MAX_TOTAL_BYTES:
+        raise PolicyError(f"the policy files of {directory} hold more than "
+                          f"{MAX_TOTAL_BYTES} bytes")
+    rules, files = [], []
+    for name, data in contents:
+        found = parse(name, data)
+        rules += found
+        files.append((name, hashlib.sha256(data).hexdigest(), len(found)))
+        if len(rules) > MAX_RULES:
+            raise PolicyError(f"{directory} holds more than {MAX_RULES} rules")
     return Policy(rules, files, enforcing=enforce or bool(files), directory=directory)
 
 
 def _open_directory(directory, owners):
-    """A readable descriptor of *directory*, reached from / one checked component
-    at a time; None if it does not exist."""
-    path = os.path.realpath(directory)
-    parts = [part for part in path.split("/") if part]
-    fd = os.open("/", _WALK_FLAGS)
+    """A readable descriptor of *directory*, reached from / one checked directory at
+    a time (a symbolic link on the way is followed by hand: its owner and the
+    directory holding it are checked, then each directory of its target); None if
+    it does not exist."""
+    pending = [part for part in os.path.abspath(directory).split("/") if part]
+    fd, where, links = os.open("/", _WALK_FLAGS), "/", 0
     try:
-        where = "/"
-        for part in parts:
+        while pending:
             _check_directory(os.fstat(fd), where, owners, leaf=False)
-            where = os.path.join(where, part)
-            try:
-                following = os.open(part, _WALK_FLAGS, dir_fd=fd)
-            except (FileNotFoundError, NotADirectoryError):
+            part = pending.pop(0)
+            following = _open_component(fd, part, where)
+            if following is None:
                 return None
-            except OSError as exc:
-                raise PolicyError(f"cannot open {where} (as uid {os.geteuid()}, who "
-                                  f"must be able to enter it): {exc.strerror}") from None
+            st = os.fstat(following)
+            if stat.S_ISLNK(st.st_mode):
+                os.close(following)
+                links += 1
+                target = _link_target(fd, part, where, st, owners, links)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd, where = os.open("/", _WALK_FLAGS), "/"
+                pending[:0] = [item for item in target.split("/") if item not in ("", ".")]
+                continue
             os.close(fd)
-            fd = following
+            fd, where = following, os.path.normpath(os.path.join(where, part))
+            if not stat.S_ISDIR(st.st_mode):
+                raise PolicyError(f"{where} is not a directory")
         _check_directory(os.fstat(fd), where, owners, leaf=True)
         try:
             return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
@@ -91,6 +111,29 @@ def _open_directory(directory, owners):
             raise PolicyError(f"cannot read {where}: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _open_component(fd, part, where):
+    """An O_PATH descriptor of *part* in directory *fd* (a symbolic link itself, not
+    its target); None if there is no such entry."""
+    try:
+        return os.open(part, _ENTRY_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PolicyError(f"cannot open {os.path.join(where, part)} (as uid "
+                          f"{os.geteuid()}, who must be able to enter every directory "
+                          f"on the way): {exc.strerror}") from None
+
+
+def _link_target(fd, part, where, st, owners, links):
+    path = os.path.join(where, part)
+    unsafe = _unsafe(st, owners)
+    if unsafe:
+        raise PolicyError(f"symbolic link {path} is {unsafe}: refusing its policy")
+    if links > MAX_SYMLINKS:
+        raise PolicyError(f"too many symbolic links on the way to {path}")
+    return os.readlink(part, dir_fd=fd)
 
 
 def _check_directory(st, where, owners, leaf):
@@ -164,11 +207,11 @@ def parse(name, data):
                               f"written [[{effect}]]")
         for number, table in enumerate(tables, 1):
             origin = f"{name}:{effect}#{number}"
-            rules.append(Rule(effect, origin, **_selectors(origin, table)))
+            rules.append(Rule(effect, origin, **_selectors(effect, origin, table)))
     return rules
 
 
-def _selectors(origin, table):
+def _selectors(effect, origin, table):
     unknown = sorted(set(table) - set(KEYS))
     if unknown:
         raise PolicyError(f"{origin}: unknown key {unknown[0]!r} (a rule takes "
@@ -176,6 +219,11 @@ def _selectors(origin, table):
     if not any(key in table for key in IDENTITY_KEYS):
         raise PolicyError(f"{origin}: names no unit, user or group; a rule must say "
                           "whose processes it is about")
+    units = table.get("unit", [])
+    if effect == ALLOW and "*" in (units if isinstance(units, list) else [units]) \
+            and table.keys().isdisjoint({"user", "group"}):
+        raise PolicyError(f"{origin}: unit = \"*\" is every process, login sessions "
+                          "included: an allow rule for any unit must name a user or group")
     selectors = {}
     for key, value in table.items():
         items = value if isinstance(value, list) else [value]
@@ -207,6 +255,8 @@ def _unit(item, what):
 
 def _account(item, what):
     """A user or group: a number (a uid or gid) or a name, never a pattern."""
+    if isinstance(item, str) and item.isascii() and item.isdigit():
+        item = int(item)
     if isinstance(item, int) and not isinstance(item, bool):
         if not 0 <= item < 2**32 - 1:
             raise PolicyError(f"{what}: {item} is not a valid id")
@@ -214,7 +264,7 @@ def _account(item, what):
     if not USER_CHARACTERS.issuperset(_text(item, what)):
         raise PolicyError(f"{what}: {item!r} is not a name or a number (users and "
                           "groups are named exactly, without patterns)")
-    return str(int(item)) if item.isdigit() else item
+    return item
 
 
 def _pattern(valid, characters, kind):
@@ -229,7 +279,6 @@ def _pattern(valid, characters, kind):
     return check
 
 
-_GLOB_SYNTAX = GLOB_CHARACTERS | {"]", "!"}
 _CHECKS = {"unit": _unit, "user": _account, "group": _account,
            "app": _pattern(is_slug, SLUG_CHARACTERS | _GLOB_SYNTAX, "an app slug"),
            "env": _pattern(is_slug, SLUG_CHARACTERS | _GLOB_SYNTAX, "an env slug"),
@@ -244,9 +293,11 @@ class PolicySource:
     the agent then enforces a policy of no rules (it denies every request) rather
     than serve without the policy it was given."""
 
-    def __init__(self, directory, owners, enforce, audit):
+    def __init__(self, directory, owners, enforce, audit, required=False):
+        """required: the directory was named (--policy-dir): its absence is an
+        error, not 'policy off'."""
         self.directory, self.owners, self.enforce = directory, owners, enforce
-        self.audit = audit
+        self.audit, self.required = audit, required
         self.current = None
 
     @classmethod
@@ -260,8 +311,10 @@ class PolicySource:
         """Read the policy again; True if it is now in force."""
         if self.directory is None:
             return True
+        forget_names()
         try:
-            policy = load(self.directory, self.owners, self.enforce)
+            policy = read_policy(self.directory, self.owners, self.enforce,
+                                 self.required)
         except PolicyError as exc:
             kept = "keeping the previous policy" if self.current else \
                 "denying every request until a valid policy is loaded"

@@ -197,13 +197,14 @@ class Server:
         self.listener = Listener(listener, self.selector)
         self.connections = set()
         self._stop_at = None                       # monotonic time of SIGTERM
-        self._signals = None                       # while serving: a SignalPipe
+        # From here to the end of serve(): a HUP sent as soon as the agent said it
+        # started (or while it drains) is a reload, never the default death.
+        self._signals = SignalPipe()
 
     # -- the loop ---------------------------------------------------------------------
 
     def serve(self):
         """Serve until SIGTERM or SIGINT, then drain (a clean stop: exit status 0)."""
-        self._signals = SignalPipe()
         self.listener.sock.setblocking(False)
         self.listener.poll(True)
         self.selector.register(self._signals.reader, READ, "signal")
@@ -218,11 +219,11 @@ class Server:
                 for conn in list(self.connections):
                     self._close(conn)
                 self.selector.close()
-                self._signals.close()
             left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
             self.spawner.finish(max(0.0, left))
         finally:
             self.state.denials.flush(everything=True)   # spawns may deny until here
+            self._signals.close()
         return 0
 
     def _loop(self):

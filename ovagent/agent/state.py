@@ -1,5 +1,5 @@
-"""What every request of ``ov agent`` shares: the keys, the audit trail, the counters
-and the replay cache.  The event loop (server.py) reads a request, auth.py verifies
+"""What every request of ``ov agent`` shares: the keys, the policy, the audit trail,
+the counters and the replay cache.  The event loop (server.py) reads a request, auth.py verifies
 it, and release.py or spawn.py serve it with this state.
 """
 

@@ -27,13 +27,13 @@ CORE_LIMIT = "Max core file size"   # the agent lowers its own soft limit (secme
 def process_cgroups(pid):
     """(systemd unit, cgroup2 path, user manager's uid) of a process from one read
     of /proc/PID/cgroup (unit_of() says which unit; the path is None on pure cgroup
-    v1).  (None, None, None) if unreadable."""
+    v1); None if unreadable."""
     try:
         # A cgroup's name is any bytes its creator chose: never fail on them.
         with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
     except OSError:
-        return None, None, None
+        return None
     fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
     cgroup2 = next((path.strip() for hierarchy, controllers, path in fields
                     if hierarchy == "0" and controllers == ""), None)
@@ -55,6 +55,8 @@ def unit_of(path):
     if units[0].startswith("user@") and units[0].endswith(".service") and uid.isdigit():
         return (units[1] if len(units) > 1 else None), int(uid)
     return units[0], None
+
+
 def owner(cgroup, uid):
     """Whom a process counts as when the agent shares itself out: the user's slice
     (user-UID.slice, whatever uids its processes take in user namespaces), else the

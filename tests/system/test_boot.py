@@ -372,8 +372,8 @@ def test_s1_install_activates_socket_not_service(box):
     STATE["agent_uid"] = int(passwd[2])
     STATE["agent_gid"] = int(passwd[3])
     # tmpfiles.d: /etc/ov, which the agent may enter (to read policy.d), not list.
-    assert box.run("stat", "-c", "%U %G %a", "/etc/ov", "/etc/ov/policy.d").out.split(
-        "\n") == [f"root {AGENT_USER} 710", "root root 755"]
+    assert box.run("stat", "-c", "%U %G %a", "/etc/ov", "/etc/ov/policy.d"
+                   ).out.splitlines() == [f"root {AGENT_USER} 710", "root root 755"]
     groups = box.run("id", "-Gn", AGENT_USER).out.split()
     assert STATE["group"] not in groups, \
         f"{AGENT_USER} needs no membership in {STATE['group']}: {groups}"
