@@ -3,6 +3,8 @@
 #   .venv-debian  Debian's packaged libraries (python3-argh 0.26, cryptography 38, ...)
 #   .venv-pypi    current PyPI releases (systemd-python built against libsystemd-dev),
 #                 plus the test tools hypothesis, pytest, shtab and atheris (the fuzzer)
+# The PostgreSQL tests (tests/pg.py) run a throwaway cluster with postgresql-15's own
+# initdb and pg_ctl; they never use the system cluster that installing it creates.
 # Usage: tests/bootstrap.sh [debian|pypi|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,7 @@ APT_PACKAGES=(
     libsystemd-dev systemd
     python3-systemd python3-cryptography python3-argh python3-sdnotify python3-argon2
     python3-yaml python3-pytest python3-hypothesis
+    python3-psycopg postgresql-15
 )
 if [ -r tests/extra-apt-packages ]; then
     mapfile -t extra < <(grep -v '^#' tests/extra-apt-packages)
@@ -45,9 +48,10 @@ if [ "$which" = debian ] || [ "$which" = all ]; then
     fi
 fi
 if [ "$which" = pypi ] || [ "$which" = all ]; then
-    # (Re)install when the venv lacks ov or a test tool added since it was built.
-    if [ ! -x .venv-pypi/bin/ov ] ||
-            ! .venv-pypi/bin/python -c 'import atheris, hypothesis, pytest, shtab' 2>/dev/null; then
+    # (Re)install when the venv lacks ov, or a dependency (psycopg) or test tool added
+    # since it was built.
+    if [ ! -x .venv-pypi/bin/ov ] || ! .venv-pypi/bin/python -c \
+            'import psycopg, atheris, hypothesis, pytest, shtab' 2>/dev/null; then
         [ -x .venv-pypi/bin/python ] || $PY -m venv .venv-pypi
         .venv-pypi/bin/pip install -q --upgrade pip
         .venv-pypi/bin/pip install -q -e '.[test,fuzz]'

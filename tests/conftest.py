@@ -1,7 +1,8 @@
 """Shared fixtures: run the real ``ov`` entry point of the current venv in
 subprocesses, against throwaway vaults under tmp_path.  Plain helpers live in
 helpers.py (tests import them by name); the agent fixtures are the plugin
-agent_plugin.py; the leak sentinel is leaks.py.
+agent_plugin.py, the throwaway PostgreSQL fixtures the plugin pg.py; the leak sentinel
+is leaks.py.
 
 Creating a vault costs one Argon2id run (t=3, 64 MiB), so a template vault with a
 known password, app ``demo``, env ``production``, a few secrets and machine keys is
@@ -21,7 +22,7 @@ import pytest
 import leaks
 from helpers import DEMO_SECRETS, PASSWORD, SENTINEL, DemoVault, Ov, ov_env
 
-pytest_plugins = ["agent_plugin"]
+pytest_plugins = ["agent_plugin", "pg"]
 
 
 

@@ -20,7 +20,8 @@ from ovagent import __version__
 
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dh_python3", "rst2man")
 ALLOWED_DEPENDS = {"python3-systemd", "python3-cryptography", "python3-argh",
-                   "python3-sdnotify", "python3-argon2", "python3-yaml", "python3:any",
+                   "python3-sdnotify", "python3-argon2", "python3-yaml", "python3-psycopg",
+                   "python3:any",
                    "init-system-helpers", "systemd", "systemd-standalone-sysusers",
                    "systemd-sysusers"}
 IGNORE = shutil.ignore_patterns(".git", ".venv*", ".hypothesis", ".pytest_cache",
@@ -167,7 +168,7 @@ def test_control_fields(built):
              for alternative in dependency.split("|")}
     assert names <= ALLOWED_DEPENDS, names - ALLOWED_DEPENDS
     assert {"python3-systemd", "python3-cryptography", "python3-argh", "python3-sdnotify",
-            "python3-argon2", "python3-yaml"} <= names
+            "python3-argon2", "python3-yaml", "python3-psycopg"} <= names
     control = (REPO / "debian" / "control").read_text()
     assert re.search(r"^Rules-Requires-Root: no$", control, re.M)
 

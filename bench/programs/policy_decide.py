@@ -14,7 +14,7 @@ import sys
 import time
 
 from ovagent.agent.policy import Caller
-from ovagent.agent.policy_files import load
+from ovagent.agent.policy_files import read_policy
 
 RULES = 100
 SECRETS = [f"SECRET_{n:03d}" for n in range(100)]
@@ -60,7 +60,7 @@ def main(directory, count):
     count = int(count)
     write_policy(directory)
     t0 = time.perf_counter()
-    policy = load(directory, {0, os.geteuid()})
+    policy = read_policy(directory, {0, os.geteuid()})
     loaded = time.perf_counter() - t0
     assert len(policy.rules) == RULES
     gids = os.getgroups() or [0]
