@@ -43,7 +43,7 @@ if __package__ in (None, ""):
     # repository root instead of looking for its modules in bench/ itself.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import sections  # noqa: E402  (after the path fix above)
+from bench import fleet, sections  # noqa: E402  (after the path fix above)
 from bench.environment import REPO, SYSTEM_PYTHON, Bench, log  # noqa: E402
 from bench.load import Codec  # noqa: E402
 from bench.procfs import loadavg, proc_status  # noqa: E402
@@ -55,7 +55,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny counts (smoke test); numbers are meaningless")
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7",
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8",
                         help="comma-separated sections to run (default all)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table: py-spy profile of the agent under "
@@ -151,6 +151,8 @@ def run_sections(b, wanted):
         sections.section_argon2(b, table)
     if 7 in wanted:
         sections.section_policy(b, table)
+    if 8 in wanted:
+        fleet.section_fleet(b, table)
     table.sort_sections()
     return table
 

@@ -15,6 +15,9 @@ TARGETS = {
     "rss_growth_mib": (2.0, "le", "≤ 2 MiB"),
     "scale_one_ratio": (1.2, "le", "≤ 1.2x"),
     "policy_decide_us": (50.0, "lt", "< 50 us"),
+    "fleet_join_s": (10.0, "lt", "< 10 s"),
+    "fleet_sync_ratio": (1.5, "lt", "< 1.5x"),
+    "fleet_served_ms": (1000.0, "lt", "< 1 s"),
 }
 
 

@@ -13,7 +13,8 @@ import argh
 from . import __version__
 from .client import config, options
 from .core import keyfile, paths, unlock
-from .core.errors import EXIT_AUTH, NotFoundError, OvError, UsageError, report_errors
+from .core.errors import (EXIT_AUTH, NotFoundError, OvError, UsageError, report_errors,
+                          warn)
 from .core.validate import DEFAULT_APP, DEFAULT_ENV, check_name, check_slug
 
 DESCRIPTION = ("ov: a local-first, zero-knowledge secrets vault, and an agent that "
@@ -43,6 +44,14 @@ def _open_vault(path):
     from .core.vault import Vault
 
     return Vault.open(path or paths.vault_path())
+
+
+def _writable(vault, keyring=None):
+    """*vault*, writing through to its fleet's shared store first if it has one."""
+    from .client import fleet
+
+    fleet.write_through(vault, keyring)
+    return vault
 
 
 def _new_password(password_stdin):
@@ -89,7 +98,7 @@ def change_password(*, vault=None, password_stdin=False):
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, password_stdin=password_stdin,
                             instead="--password-stdin")
-    opened.change_password(keyring, _new_password(password_stdin))
+    _writable(opened, keyring).change_password(keyring, _new_password(password_stdin))
     print("Master password changed")
 
 
@@ -149,7 +158,7 @@ def app_create(app, *, vault=None, machine_key=None, password_stdin=False):
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key,
                             password_stdin=password_stdin)
-    opened.create_app(keyring, app)
+    _writable(opened, keyring).create_app(keyring, app)
     print(f"Created app {app}")
 
 
@@ -173,7 +182,7 @@ def app_delete(app, *, force=False, vault=None):
     if opened.list_envs(app) and not force:
         raise UsageError(f"app {app!r} still has environments; pass --force to "
                          "delete them and their secrets too")
-    opened.delete_app(app)
+    _writable(opened).delete_app(app)
     print(f"Deleted app {app}")
 
 
@@ -186,7 +195,7 @@ def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key,
                             password_stdin=password_stdin)
-    generation = opened.rotate_app_key(keyring, app)
+    generation = _writable(opened, keyring).rotate_app_key(keyring, app)
     print(f"Rotated key of app {app} (generation {generation}); old scoped machine "
           "keys for it no longer work")
 
@@ -201,7 +210,7 @@ def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
 def env_create(env, *, app=None, vault=None):
     """Create an environment in an app."""
     target = config.resolve(app, vault=True, takes=("app",))
-    _open_vault(vault).create_env(target.app, env)
+    _writable(_open_vault(vault)).create_env(target.app, env)
     print(f"Created env {target.app}/{env}")
 
 
@@ -222,7 +231,7 @@ def env_list(*, app=None, vault=None):
 def env_delete(env, *, app=None, vault=None):
     """Delete an environment and all of its secrets."""
     target = config.resolve(app, vault=True, takes=("app",))
-    _open_vault(vault).delete_env(target.app, env)
+    _writable(_open_vault(vault)).delete_env(target.app, env)
     print(f"Deleted env {target.app}/{env}")
 
 
@@ -250,7 +259,8 @@ def secret_set(name, *, app=None, env=None, vault=None, machine_key=None,
     else:
         value = sys.stdin.buffer.read()
         value = value[:-1] if value.endswith(b"\n") else value
-    version = opened.set_secrets(keyring, target.app, target.env, {name: value})[name]
+    version = _writable(opened, keyring).set_secrets(keyring, target.app, target.env,
+                                                     {name: value})[name]
     print(f"Set {name} in {target.app}/{target.env} (version {version})")
 
 
@@ -281,7 +291,7 @@ def secret_delete(name, *, app=None, env=None, vault=None, machine_key=None,
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key,
                             password_stdin=password_stdin, app=target.app)
-    opened.delete_secret(keyring, target.app, target.env, name)
+    _writable(opened, keyring).delete_secret(keyring, target.app, target.env, name)
     print(f"Deleted {name} from {target.app}/{target.env}")
 
 
@@ -308,7 +318,7 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
     else:
         keyring = unlock.unlock(opened, machine_key=machine_key,
                                 password_stdin=password_stdin, app=target.app)
-        opened.set_secrets(keyring, target.app, target.env, values)
+        _writable(opened, keyring).set_secrets(keyring, target.app, target.env, values)
     for line, name, value in entries:  # never the value itself
         if b"${" in value:
             warn(f"{file}:{line}: {name} contains '${{': ov stores it literally, "
@@ -469,6 +479,109 @@ def agent_install(*, machine_key=None, socket=None, unit_name=None, user=False,
                     user=user, enable=enable)
 
 
+# -- ov store, ov sync -----------------------------------------------------
+
+DSN_HELP = ("the PostgreSQL database, as libpq takes it: postgresql://HOST/DB"
+            "?sslmode=verify-full, 'service=NAME', ... (no password in it: PGPASSFILE)")
+DSN = argh.arg("dsn", metavar="CONNINFO", help=DSN_HELP)
+
+
+@argh.named("init")
+@argh.arg("dsn", metavar="CONNINFO", help=DSN_HELP)
+@argh.arg("--print-sql", help="print the SQL that creates a read-only role for servers "
+                              "and a writer role for admin hosts (and, optionally, "
+                              "row-level security per app), then exit")
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def store_init(*dsn, print_sql=False, vault=None, machine_key=None,
+               password_stdin=False):
+    """Create the shared store's schema and push this vault into it; this vault then
+    writes through to it."""
+    from .client import fleet
+
+    if print_sql:
+        from .client.pgstore import ROLES_SQL
+
+        print(ROLES_SQL, end="")
+        return
+    if len(dsn) != 1:
+        raise UsageError("name the store, once: ov store init CONNINFO")
+    dsn, = dsn
+    opened = _open_vault(vault)
+    keyring = unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin)
+    pushed = fleet.init(opened, keyring, dsn)
+    print(f"Pushed {pushed} secret version(s) to the shared store")
+
+
+@argh.named("join")
+@DSN
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def store_join(dsn, *, vault=None, machine_key=None, password_stdin=False):
+    """Create this host's vault as a replica of the shared store, and pull it."""
+    from .client import fleet
+
+    path = vault or paths.vault_path()
+    changed = fleet.join(path, dsn, lambda opened: unlock.unlock(
+        opened, machine_key=machine_key, password_stdin=password_stdin))
+    print(f"Joined: {path} replicates the store ({_changes(changed)})")
+
+
+@argh.named("status")
+@VAULT
+def store_status(*, vault=None):
+    """Say which store this vault replicates and when it last pulled from it."""
+    from .client import fleet
+
+    opened = _open_vault(vault)
+    if not fleet.joined(opened):
+        raise NotFoundError("this vault is not part of a fleet")
+    found = fleet.status(opened)
+    print(f"store: {found['store']}")
+    print(f"last pull: {_when(found['synced']) if found['synced'] else 'never'} "
+          f"(change {found['position']})")
+    if found["latest"] is None:
+        print(f"store now: {found['unreachable']}")
+    else:
+        behind = ", ".join(found["behind"]) or "none"
+        print(f"store now: change {found['latest']}; environments behind: {behind}")
+
+
+def _changes(changed):
+    names = sum(len(names) for _, _, names in changed)
+    envs = sum(1 for _, _, names in changed if names)
+    return f"{names} secret(s) changed in {envs} environment(s)"
+
+
+@argh.arg("--follow", help="keep pulling: on each change the store announces "
+                           "(LISTEN), and every 5 minutes (ov-sync.service)")
+@VAULT
+@MACHINE_KEY
+@PASSWORD_STDIN
+def sync(*, follow=False, vault=None, machine_key=None, password_stdin=False):
+    """Pull what changed in the shared store into this host's vault (writes go to
+    the store as they are made)."""
+    from .client import fleet
+
+    opened = _open_vault(vault)
+    keyring = unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin)
+    if follow:
+        fleet.follow(opened, keyring, lambda changed: _report_sync(changed, quiet=True),
+                     lambda exc: warn(f"{exc}; trying again"))
+    _report_sync(fleet.pull(opened, keyring))
+
+
+def _report_sync(changed, quiet=False):
+    if quiet and not any(names for _, _, names in changed):
+        return
+    print(f"Synced: {_changes(changed)}", flush=True)
+    for app, env, names in changed:
+        if names:
+            print(f"  {app}/{env}: {', '.join(names)}", flush=True)
+
+
 # -- ov agent policy -------------------------------------------------------
 
 
@@ -549,6 +662,8 @@ GROUPS = [
      [secret_set, secret_list, secret_delete, secret_import]),
     ("agent", "the agent daemon", [agent_start, agent_stop, agent_status,
                                    agent_install]),
+    ("store", "a fleet's shared store (PostgreSQL)", [store_init, store_join,
+                                                       store_status]),
 ]
 SUBGROUPS = [("agent", "policy", "the agent's per-caller policy",
               [policy_check, policy_show])]
@@ -618,6 +733,8 @@ def build_parser():
     for group, name, help_text, functions in SUBGROUPS:
         _add_group(_subcommand(parser, group), name, help_text, functions)
     argh.add_commands(parser, [run], func_kwargs={"help": RUN_HELP})
+    argh.add_commands(parser, [sync], func_kwargs={
+        "help": "pull what changed in the shared store (a fleet)"})
     _drop_short_options(parser)
     _plain_help(parser)
     _complete_files(parser)

@@ -11,8 +11,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from helpers import DEMO_SECRETS
-from ovagent.agent import audit as audit_module
-from ovagent.agent.audit import Audit, Denials, escaped, journal_sender
+from ovagent.core import audit as audit_module
+from ovagent.agent.denials import Denials
+from ovagent.core.audit import Audit, escaped, journal_sender
 from ovagent.agent.auth import UNSIGNED_RELEASE, KeyState, authenticate
 from ovagent.agent.release import release
 from ovagent.agent.server import giving_way

@@ -187,11 +187,15 @@ def test_maintainer_scripts_start_only_the_socket(built, tmp_path):
     # Started on install: the socket only.  On upgrade: the socket keeps listening
     # (not stopped, not restarted: clients queue in its backlog) and a running agent
     # is try-restarted.  On removal: the socket is stopped (the service with it).
+    # ov-sync.service and its timer, installed disabled, are only restarted on an
+    # upgrade where an admin started them.
     invoked = re.findall(r"deb-systemd-invoke .*", postinst)
     assert invoked == ["deb-systemd-invoke start 'ov-agent.socket' >/dev/null || true",
                        "deb-systemd-invoke try-restart 'ov-agent.service' >/dev/null "
-                       "|| true"], invoked
+                       "|| true", "deb-systemd-invoke try-restart 'ov-sync.service' "
+                       "'ov-sync.timer' >/dev/null || true"], invoked
     assert re.findall(r"deb-systemd-invoke .*", prerm) == [
+        "deb-systemd-invoke stop 'ov-sync.timer' 'ov-sync.service' >/dev/null || true",
         "deb-systemd-invoke stop 'ov-agent.socket' >/dev/null || true"]
     assert not (tmp_path / "control" / "preinst").exists(), "nothing stops before unpacking"
     # ov-agent.service has an [Install] section (Also=ov-agent.socket) but the package
@@ -199,9 +203,10 @@ def test_maintainer_scripts_start_only_the_socket(built, tmp_path):
     # dh_installsystemd --no-enable does.
     for block in re.findall(r"^# Automatically added by .*?^# End automatically added",
                             postinst, re.M | re.S):
-        if re.search(r"deb-systemd-helper (--user )?enable 'ov-agent.service'", block):
-            assert re.search(r"if deb-systemd-helper (--user )?debian-installed "
-                             r"'ov-agent.service'", block), block
+        for unit in ("ov-agent.service", "ov-sync.service", "ov-sync.timer"):
+            if re.search(rf"deb-systemd-helper (--user )?enable '{unit}'", block):
+                assert re.search(r"if deb-systemd-helper (--user )?debian-installed "
+                                 rf"'{unit}'", block), block
     # dh_installsystemduser --no-enable: re-enable only where the package did before.
     assert "deb-systemd-helper --user debian-installed 'ov-agent.socket'" in postinst, \
         "user units must not be enabled for every user"

@@ -26,7 +26,8 @@ from ovagent.core import errors
 
 OV = str(Path(sys.executable).with_name("ov"))
 PAGE_OF_GROUP = {"auth": "ov-auth.1", "app": "ov-app.1", "env": "ov-env.1",
-                 "secret": "ov-secret.1", "agent": "ov-agent.8", "run": "ov-run.1"}
+                 "secret": "ov-secret.1", "agent": "ov-agent.8", "run": "ov-run.1",
+                 "store": "ov-store.1", "sync": "ov-store.1"}
 
 
 def ov_help(*args):
@@ -120,7 +121,7 @@ def test_top_level_options_are_in_ov_1(pages):
 def test_exit_codes_are_documented(pages):
     codes = sorted({value for name, value in vars(errors).items()
                     if name.startswith("EXIT_")} | {0})
-    assert codes == [0, 1, 2, 3, 4, 5, 6, 126, 127, 130], codes
+    assert codes == [0, 1, 2, 3, 4, 5, 6, 7, 126, 127, 130], codes
     text = roff_text(pages["ov.1"])
     section = text.split(".SH EXIT STATUS", 1)[1].split(".SH ", 1)[0]
     for code in codes:

@@ -22,7 +22,7 @@ from helpers import (DEMO_SECRETS, OV, SETPRIV, Session, cgroup2_mount, descript
                      read_line, redact, signed, wait_for)
 from ovagent.agent.auth import NonceCache
 from ovagent.core import procfs
-from ovagent.agent.audit import JOURNAL_SOCKET
+from ovagent.core.audit import JOURNAL_SOCKET
 from test_protocol import ask, outcome
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pg import PG_USER
+from pgcluster import PG_USER
 
 psycopg = pytest.importorskip(
     "psycopg", reason="psycopg not installed: run tests/bootstrap.sh")

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ovagent.agent.audit import Audit
+from ovagent.core.audit import Audit
 from ovagent.agent.policy import Caller, Patterns, Policy, PolicyDenied
 from ovagent.agent.policy_files import MAX_FILE_BYTES, PolicySource, parse, read_policy
 from ovagent.core import protocol

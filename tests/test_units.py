@@ -19,11 +19,13 @@ from packaging_helpers import (
     which,
 )
 
-from ovagent.agent import audit, systemd
+from ovagent.agent import systemd
+from ovagent.core import audit
 from ovagent.core import keyfile, paths
 
 OV = str(Path(sys.executable).with_name("ov"))
 SYSTEM = {name: UNITS / name for name in ("ov-agent.socket", "ov-agent.service")}
+SYNC = {name: UNITS / name for name in ("ov-sync.service", "ov-sync.timer")}
 USER = {name: UNITS / "user" / name for name in ("ov-agent.socket", "ov-agent.service")}
 
 needs_analyze = pytest.mark.skipif(which("systemd-analyze") is None,
@@ -70,13 +72,19 @@ def test_user_units_verify_clean(tmp_path, manpath):
 
 
 @needs_analyze
-def test_exposure_score_within_the_claim_in_the_unit():
-    text = SYSTEM["ov-agent.service"].read_text()
+def test_sync_units_verify_clean(tmp_path, manpath):
+    assert verify(SYNC, tmp_path, manpath) == ""
+
+
+@needs_analyze
+@pytest.mark.parametrize("path", [SYSTEM["ov-agent.service"], SYNC["ov-sync.service"]],
+                         ids=["ov-agent", "ov-sync"])
+def test_exposure_score_within_the_claim_in_the_unit(path):
+    text = path.read_text()
     claim = exposure_claim(text)
-    assert claim is not None, "ov-agent.service has no comment claiming its exposure"
+    assert claim is not None, f"{path.name} has no comment claiming its exposure"
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                             str(SYSTEM["ov-agent.service"])], capture_output=True,
-                            timeout=60, env=system_env())
+                             str(path)], capture_output=True, timeout=60, env=system_env())
     output = result.stdout.decode(errors="replace")
     match = EXPOSURE_RE.search(output)
     assert match, output + result.stderr.decode(errors="replace")
@@ -113,7 +121,8 @@ def test_catalog_substitutes_only_fields_the_agent_sends():
     sent = {"MESSAGE", "MODE", "SCOPE", "SOCKET", "HARDENING", "REQUEST_ID", "OP", "APP",
             "ENV", "COMMAND", "SECRETS", "VERSIONS", "PEER_PID", "PEER_UID", "PEER_GID",
             "PEER_UNIT", "CODE", "REASON", "CHILD_PID", "EXIT_STATUS", "OUTCOME", "RUNNING",
-            "POLICY", "POLICY_RULE", "POLICY_DIR", "POLICY_FILES", "ERROR"}
+            "POLICY", "POLICY_RULE", "POLICY_DIR", "POLICY_FILES", "ERROR", "STORE",
+            "FROM_SEQ", "TO_SEQ", "CHANGED"}
     used = set(re.findall(r"@([A-Z0-9_]+)@", text))
     assert used <= sent, used - sent
 

@@ -11,7 +11,7 @@ from ..core import files, keyfile, paths, protocol, unlock
 from ..core.errors import NotFoundError, OutdatedVaultError, OvError, UsageError, warn
 from ..core.procfs import process_cgroups
 from ..core.vault import Vault
-from .audit import JOURNAL_SOCKET, Audit, journal_available, journal_sender
+from ..core.audit import JOURNAL_SOCKET, Audit, journal_available, journal_sender
 from .auth import KeyState
 from .policy_files import PolicySource
 from .secmem import LockedPage, harden_process, wipe

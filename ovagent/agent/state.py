@@ -13,7 +13,8 @@ from ..core.errors import AuthError, NotFoundError, OvError, UsageError
 from ..core.procfs import process_cgroups
 from ..core.protocol import ProtocolError
 from ..core.validate import DEFAULT_APP, DEFAULT_ENV
-from .audit import Audit, Denials
+from ..core.audit import Audit
+from .denials import Denials
 from .auth import NonceCache
 from .policy import Caller, PolicyDenied
 from .policy_files import PolicySource

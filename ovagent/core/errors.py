@@ -11,7 +11,8 @@ EXIT_USAGE = 2          # invalid input: bad flag, slug, name, value, dotenv, ke
 EXIT_NOT_FOUND = 3      # no such vault, app, env or secret
 EXIT_AUTH = 4           # wrong password, wrong or revoked machine key, request denied
 EXIT_INTEGRITY = 5      # vault corrupt or tampered with
-EXIT_AGENT = 6          # agent unreachable, busy, or protocol failure
+EXIT_AGENT = 6          # agent or shared store unreachable, busy, or protocol failure
+EXIT_CONFLICT = 7       # another host wrote first (a fleet's shared store)
 EXIT_CANNOT_EXECUTE = 126
 EXIT_COMMAND_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130
@@ -63,6 +64,18 @@ class IntegrityError(OvError):
 
 class AgentError(OvError):
     exit_code = EXIT_AGENT
+
+
+class StoreError(OvError):
+    """The shared store of a fleet cannot be reached (ovagent/client/pgstore.py)."""
+
+    exit_code = EXIT_AGENT
+
+
+class ConflictError(OvError):
+    """Another host wrote to the shared store first: sync, look, write again."""
+
+    exit_code = EXIT_CONFLICT
 
 
 class OutdatedVaultError(OvError):

@@ -5,12 +5,16 @@ vault, fails to open instead of decrypting as something else.
 
     PWK --wraps--> KEK --wraps--> app key --wraps--> DEK --encrypts--> value
                                           --seals--> head of each secret
+                                          --seals--> manifest of each environment
 
 Check blobs (an empty plaintext under a key) tell which key a machine key is.  A head
 holds the current version of one secret, with a digest of that version's
 ciphertext, sealed under the app key and bound to the secret's app, environment and
 name: a deleted, older, injected or swapped record then disagrees with it (vault.py
-checks that every read agrees).
+checks that every read agrees).  A manifest holds the head entries of all the
+secrets of one environment with a counter: a fleet's shared store keeps one per
+environment (client/fleet.py), so that a row withheld, altered or rolled back by
+whoever runs the database is caught on the next pull.
 
 The key check of an app also says that its vault keeps heads (format 2): its
 associated data differs from format 1's, so a vault whose format is written back to
@@ -22,6 +26,7 @@ import hashlib
 from . import canonical, crypto
 from .errors import AuthError, IntegrityError
 from .store import AppRecord
+from .validate import is_name
 
 APP_CHECK = "app-check+heads"       # format 2
 APP_CHECK_FORMAT_1 = "app-check"
@@ -159,3 +164,40 @@ class KeyHierarchy:
             raise IntegrityError(f"head of secret {name} of {app}/{env} is malformed") \
                 from None
         return int(version), digest
+
+    # -- manifests -----------------------------------------------------------
+
+    def seal_manifest(self, app_key, app, env, counter, entries):
+        """Seal the manifest of app/env: its *counter* and the head entry of each of
+        its secrets (name -> (version, digest)), bound to where it belongs."""
+        fields = [counter]
+        for name in sorted(entries):
+            version, digest = entries[name]
+            fields += [name, version, digest]
+        return crypto.encrypt(app_key, canonical.encode(*fields),
+                              self._aad("manifest", app, env))
+
+    def open_manifest(self, app_key, app, env, blob):
+        """(counter, name -> (version, digest)) of the manifest sealed in *blob*."""
+        what = f"manifest of {app}/{env}"
+        plain = crypto.decrypt(app_key, blob, self._aad("manifest", app, env), what)
+        try:
+            counter, *rest = canonical.decode(plain)
+            if len(rest) % 3:
+                raise ValueError("not a whole number of entries")
+            entries = {}
+            for at in range(0, len(rest), 3):
+                name, version, digest = rest[at:at + 3]
+                if not is_name(name.decode("ascii")) or len(digest) != DIGEST_LEN:
+                    raise ValueError("malformed entry")
+                entries[name.decode("ascii")] = (_count(version), digest)
+            return _count(counter), entries
+        except (ValueError, UnicodeDecodeError):
+            raise IntegrityError(f"{what} is malformed") from None
+
+
+def _count(field):
+    """A positive decimal number as canonical.encode() writes one; else ValueError."""
+    if not field.isdigit() or str(int(field)).encode() != field or int(field) < 1:
+        raise ValueError("not a count")
+    return int(field)

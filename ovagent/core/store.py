@@ -157,6 +157,10 @@ class SqliteFile:
         if not stat.S_ISREG(os.stat(self.path).st_mode):
             raise UsageError(f"vault {self.path} is not a regular file")
         self._db = self._connect()
+        # What the open write transaction changed, and who must see it before it
+        # commits (a fleet's shared store: client/fleet.py writes through first).
+        self.touched = set()
+        self.before_commit = None
 
     @classmethod
     def create(cls, path, meta):
@@ -209,10 +213,15 @@ class SqliteFile:
 
     @contextlib.contextmanager
     def transaction(self):
-        """One atomic write transaction (taken eagerly to serialize writers)."""
+        """One atomic write transaction (taken eagerly to serialize writers).  The
+        before_commit hook, if set, sees it whole before it commits, and may refuse
+        it by raising."""
         self._begin("BEGIN IMMEDIATE")
+        self.touched = set()
         try:
             yield self
+            if self.before_commit is not None and self.touched:
+                self.before_commit(self)
         except BaseException:
             self._rollback()
             raise
@@ -264,6 +273,7 @@ class SqliteFile:
     def put_meta(self, meta):
         self._db.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+        self.touched.add(("meta",))
 
     @_guarded
     def check_schema(self, version):
@@ -322,6 +332,7 @@ class SqliteStore(SqliteFile):
             "generation = excluded.generation, created = excluded.created",
             (record.name, record.wrapped_key, record.key_check, record.generation,
              record.created))
+        self.touched.add(("app", record.name))
 
     @_guarded
     def delete_app(self, name):
@@ -330,6 +341,7 @@ class SqliteStore(SqliteFile):
                           "DELETE FROM envs WHERE app = ?",
                           "DELETE FROM apps WHERE name = ?"):
             self._db.execute(statement, (name,))
+        self.touched.add(("app deleted", name))
 
     # -- environments --------------------------------------------------------
 
@@ -349,6 +361,7 @@ class SqliteStore(SqliteFile):
     def create_env(self, app, env):
         self._db.execute("INSERT INTO envs (app, name, created) VALUES (?, ?, ?)",
                          (app, env, time.time()))
+        self.touched.add(("env", app, env))
 
     @_guarded
     def delete_env(self, app, env):
@@ -356,6 +369,7 @@ class SqliteStore(SqliteFile):
                           "DELETE FROM secrets WHERE app = ? AND env = ?",
                           "DELETE FROM envs WHERE app = ? AND name = ?"):
             self._db.execute(statement, (app, env))
+        self.touched.add(("env deleted", app, env))
 
     # -- heads: each secret's current version, sealed (core/keys.py) ---------
 
@@ -375,11 +389,13 @@ class SqliteStore(SqliteFile):
             "INSERT INTO heads (app, env, name, head) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (app, env, name) DO UPDATE SET head = excluded.head",
             (app, env, name, head))
+        self.touched.add(("secret", app, env, name))
 
     @_guarded
     def delete_head(self, app, env, name):
         self._db.execute("DELETE FROM heads WHERE app = ? AND env = ? AND name = ?",
                          (app, env, name))
+        self.touched.add(("secret", app, env, name))
 
     # -- secrets -------------------------------------------------------------
 
@@ -433,6 +449,7 @@ class SqliteStore(SqliteFile):
             "UPDATE secrets SET wrapped_dek = ? WHERE app = ? AND env = ? AND name = ? "
             "AND version = ?",
             (wrapped_dek, record.app, record.env, record.name, record.version))
+        self.touched.add(("app", record.app))
 
     @_guarded
     def delete_secret(self, app, env, name):

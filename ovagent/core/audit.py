@@ -4,8 +4,9 @@ stderr.  Callers pass only names and numbers: never a value, a key or a MAC.
 
 Every text that reaches a record is escaped (control characters, line separators,
 backslashes), so that a caller's argv[0] or a quoted piece of a bad request cannot
-forge a line of a text log, nor of ``journalctl -x``'s catalog text.  Denials are
-counted per uid and reason (Denials) so that no client can flood the journal.
+forge a line of a text log, nor of ``journalctl -x``'s catalog text.  The agent
+writes most records; ``ov sync`` writes ``synced``.  (The agent counts repeated
+denials before they reach here: ovagent/agent/denials.py.)
 
 The journal sender and the clock are parameters, so that tests capture records
 without journald (as python-systemd's own tests do).
@@ -14,10 +15,6 @@ without journald (as python-systemd's own tests do).
 import errno
 import os
 import sys
-import threading
-import time
-
-from ..core import protocol
 
 # One fixed MESSAGE_ID per audit event kind (see units/ov-agent.catalog).
 MESSAGE_IDS = {
@@ -31,14 +28,10 @@ MESSAGE_IDS = {
     "unconfigured": "a553112588694f158a83055a88dbd802",
     "policy-loaded": "deab4ccbbb1540e78550de8b645e0ae5",
     "policy-invalid": "d093f497cf6f4b8bb6f86dec7aec025e",
+    "synced": "30c1b78e410a4b26b8c1d089593bed9d",
 }
 # warning, error; others are info (6)
 PRIORITY = {"denied": 4, "unconfigured": 3, "policy-invalid": 3}
-DENIAL_INTERVAL = 5.0     # seconds over which repeated denials make one record
-# The refusals any client that may connect can provoke without a key.
-COUNTED = frozenset({protocol.E_BAD_FRAME, protocol.E_TOO_LARGE, protocol.E_TIMEOUT,
-                     protocol.E_BAD_REQUEST, protocol.E_AUTH, protocol.E_PEER,
-                     protocol.E_BUSY, protocol.E_UNCONFIGURED})
 # C0 and C1 controls, DEL, the Unicode line and paragraph separators, lone surrogates
 # (from argv that was not UTF-8: journald could not take them), backslash.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
@@ -76,65 +69,6 @@ class Audit:
             return True
         except (OSError, ValueError):
             return False
-
-
-class Denials:
-    """Denials, recorded so that no client can flood the journal or drown other
-    records.  Of the refusals any client can provoke without a key (COUNTED), the
-    first one of an owner (Peer.owner) for one code is recorded in full, the next
-    ones within *interval* seconds are only counted, and one record sums them up
-    (REPEATED=N) once the interval is over (flush(), or the owner's next denial).
-    A key holder's denials (replay, stale, spawn-refused...) are always recorded
-    in full."""
-
-    def __init__(self, audit, interval=DENIAL_INTERVAL, clock=time.monotonic):
-        self.audit, self.interval, self._clock = audit, interval, clock
-        self._windows = {}          # (owner, code) -> _Window
-        self._lock = threading.Lock()
-
-    def record(self, message, code, reason, owner, peer_fields, **fields):
-        if code in COUNTED:
-            key, now = (owner, code), self._clock()
-            with self._lock:
-                window = self._windows.get(key)
-                if window is not None and now < window.end:
-                    window.count(reason, peer_fields)
-                    return
-                self._windows[key] = _Window(now + self.interval)
-            if window is not None:
-                self._sum_up(key, window)
-        self.audit.event("denied", message, code=code, reason=reason, owner=owner,
-                         **peer_fields, **fields)
-
-    def flush(self, everything=False):
-        """Sum up every interval that is over (all of them when the agent stops)."""
-        now = self._clock()
-        with self._lock:
-            ended = [(key, window) for key, window in self._windows.items()
-                     if everything or now >= window.end]
-            for key, _ in ended:
-                del self._windows[key]
-        for key, window in ended:
-            self._sum_up(key, window)
-
-    def _sum_up(self, key, window):
-        owner, code = key
-        if window.repeated:
-            self.audit.event("denied", f"{window.repeated} more request(s) of {owner} "
-                             f"denied ({code}) within {self.interval:g} s", code=code,
-                             reason=window.reason, repeated=window.repeated,
-                             owner=owner, **window.last_peer)
-
-
-class _Window:
-    """Denials counted for one owner and code until *end* (monotonic time)."""
-
-    def __init__(self, end):
-        self.end, self.repeated, self.reason, self.last_peer = end, 0, None, {}
-
-    def count(self, reason, peer_fields):
-        self.repeated += 1
-        self.reason, self.last_peer = reason, peer_fields
 
 
 def escaped(text):
