@@ -119,7 +119,7 @@ def setup(b, args, wanted):
     log(f"building a non-editable venv in {b.tmp}")
     b.build_venv()
     sizes = (10, 100, 1000) if args.quick else (10, 1000, 10000)
-    if not (5 in wanted or args.profile):
+    if not (wanted & {5, 8} or args.profile):
         sizes = (10,)
     log(f"building vaults with {', '.join(map(str, sizes))} secrets")
     _, import_s = b.build_vaults(sizes)

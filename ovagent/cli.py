@@ -536,7 +536,7 @@ def store_status(*, vault=None):
     from .client import fleet
 
     opened = _open_vault(vault)
-    if not fleet.joined(opened):
+    if not fleet.replica.joined(opened):
         raise NotFoundError("this vault is not part of a fleet")
     found = fleet.status(opened)
     print(f"store: {found['store']}")

@@ -7,6 +7,7 @@ from that database.  Values never reach the test output: hosts are compared by t
 sha256 digests of what ``ov run`` (or an agent) puts in a command's environment.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -576,11 +577,7 @@ def test_a_reader_role_pulls_and_cannot_write_row_level_security_hides_other_app
 def test_with_ov_sync_following_a_write_is_served_elsewhere_within_2_s(joined, agents):
     fleet = joined
     agent = fleet.agent(agents, "B")
-    env = dict(fleet.demo.ov.env, OV_VAULT=str(fleet.hosts["B"]))
-    follower = agents.popen([OV, "sync", "--follow", "--machine-key", fleet.key],
-                            env=env)
-    try:
-        time.sleep(1.0)                               # its first pull, and its LISTEN
+    with following(fleet, agents, "B") as follower:
         for _ in range(3):
             value = fleet.value("followed")
             fleet.set("A", "DB_URL", value)
@@ -588,6 +585,17 @@ def test_with_ov_sync_following_a_write_is_served_elsewhere_within_2_s(joined, a
             while fleet.agent_digests(agent).get("DB_URL") != sha256(value):
                 assert time.monotonic() - written < 2.0, "not served within 2 s"
             assert follower.poll() is None, "ov sync --follow stopped"
+
+
+@contextlib.contextmanager
+def following(fleet, agents, host):
+    """`ov sync --follow` on *host*, past its first pull and its LISTEN."""
+    env = dict(fleet.demo.ov.env, OV_VAULT=str(fleet.hosts[host]))
+    follower = agents.popen([OV, "sync", "--follow", "--machine-key", fleet.key],
+                            env=env)
+    try:
+        time.sleep(1.0)
+        yield follower
     finally:
         follower.terminate()
         follower.wait(10)
@@ -601,3 +609,164 @@ def test_status_says_how_far_behind_the_store_a_host_is(joined):
     fleet.sync("B")
     out = fleet.ov("B", "store", "status", check=0).out
     assert "environments behind: none" in out, out
+
+
+# -- what a review of the first version found (each failed on it) --------------------
+
+
+def blocked(fleet, host, *args, value=None):
+    """`ov ARGS` on *host*, started now (its value on stdin, if any)."""
+    env = dict(fleet.demo.ov.env, OV_VAULT=str(fleet.hosts[host]))
+    proc = subprocess.Popen([OV, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=fleet.tmp,
+                            start_new_session=True)
+    if value is not None:
+        proc.stdin.write(value.encode())
+    proc.stdin.close()
+    proc.stdin = None
+    return proc
+
+
+def outcomes(*procs):
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        leaks.watch.saw("the output of a concurrent ov", out + err)
+        results.append((proc.returncode, err.decode(errors="replace")))
+    return results
+
+
+def test_the_store_cannot_roll_back_a_hosts_own_write(joined):
+    """B writes while behind (its manifest number is ahead of what it applied); the
+    database then puts back the previous manifest and deletes B's row: B's next
+    pull is exit 5, and B still serves its own newest value."""
+    fleet = joined
+    names = sorted(fleet.versions("A"))
+    fleet.set("A", names[0], fleet.value())
+    saved = query(fleet.db, "SELECT counter, manifest FROM ov.manifests WHERE app = %s "
+                  "AND env = %s", (APP, ENV))[0]
+    mine = fleet.value("b-own")
+    fleet.set("B", names[1], mine)
+    newest = newest_version(fleet.db, names[1])
+    query(fleet.db, "DELETE FROM ov.secrets WHERE name = %s AND version = %s",
+          (names[1], newest))
+    query(fleet.db, "UPDATE ov.manifests SET counter = %s, manifest = %s WHERE app = %s "
+          "AND env = %s", (*saved, APP, ENV))
+    one_line(fleet.sync("B", check=None), 5, "rolled back")
+    assert fleet.digests("B")[names[1]] == sha256(mine)
+
+
+def test_a_pull_waits_for_a_write_on_the_same_host(joined):
+    """A write of A waits on the store's manifest lock while A pulls: the pull waits
+    for the write (one lock order) instead of taking the write for a rollback."""
+    fleet = joined
+    with fleet.db.connect() as conn:
+        conn.execute("SELECT 1 FROM ov.manifests WHERE app = %s AND env = %s FOR UPDATE",
+                     (APP, ENV))
+        write = blocked(fleet, "A", "secret", "set", "DB_URL", "--app", APP, "--env", ENV,
+                        "--machine-key", fleet.key, value=fleet.value())
+        time.sleep(1.0)
+        pull = blocked(fleet, "A", "sync", "--machine-key", fleet.key)
+        time.sleep(1.0)
+        conn.rollback()
+    assert [code for code, _ in outcomes(write, pull)] == [0, 0]
+    fleet.sync("A")
+
+
+def test_two_hosts_creating_one_app_conflict_first_writers_of_an_env_merge(joined):
+    """One app created on two hosts at once: one conflict (exit 7), not two apps
+    with two keys.  The first secrets of a new environment from two hosts at once:
+    the second waits for the first's manifest and lands on top of it."""
+    fleet = joined
+    with fleet.db.connect() as conn:
+        conn.execute("LOCK TABLE ov.apps IN SHARE ROW EXCLUSIVE MODE")
+        procs = [blocked(fleet, host, "app", "create", "shop", "--machine-key", fleet.key)
+                 for host in "AB"]
+        time.sleep(1.0)
+        conn.rollback()
+    results = outcomes(*procs)
+    assert sorted(code for code, _ in results) == [0, 7], results
+    fleet.ov("A", "env", "create", "staging", "--app", APP, check=0)
+    fleet.sync("A")
+    fleet.sync("B")
+    with fleet.db.connect() as conn:
+        conn.execute("LOCK TABLE ov.manifests IN EXCLUSIVE MODE")
+        procs = [blocked(fleet, host, "secret", "set", f"FIRST_{host}", "--app", APP,
+                         "--env", "staging", "--machine-key", fleet.key,
+                         value=fleet.value()) for host in "AB"]
+        time.sleep(1.0)
+        conn.rollback()
+    results = outcomes(*procs)      # two names: both land, one after the other
+    assert [code for code, _ in results] == [0, 0], results
+    for host in "AB":
+        fleet.sync(host)
+    for host in "AB":
+        listing = fleet.ov(host, "secret", "list", "--app", APP, "--env", "staging",
+                           check=0).out
+        assert "FIRST_A\tv1" in listing and "FIRST_B\tv1" in listing, listing
+
+
+def test_rotations_follow_deletes_and_re_creations(joined):
+    """A deletes a secret, sets another anew from version 1, and rotates the key; B
+    follows all of it; B then rotates in turn and A follows."""
+    fleet = joined
+    gone, again = sorted(fleet.versions("A"))[:2]
+    fleet.ov("A", "env", "create", "staging", "--app", APP, check=0)   # no manifest yet
+    for name in (gone, again):
+        fleet.ov("A", "secret", "delete", name, "--app", APP, "--env", ENV,
+                 "--machine-key", fleet.key, check=0)
+    fleet.set("A", again, fleet.value())
+    fleet.set("A", again, fleet.value())
+    fleet.ov("A", "app", "rotate-key", APP, "--machine-key", fleet.key, check=0)
+    fleet.sync("A")
+    fleet.sync("B")
+    assert fleet.digests("B") == fleet.digests("A") and gone not in fleet.digests("B")
+    fleet.ov("B", "app", "rotate-key", APP, "--machine-key", fleet.key, check=0)
+    fleet.sync("A")
+    assert fleet.digests("A") == fleet.digests("B")
+
+
+def test_malformed_store_values_are_integrity_errors(joined):
+    fleet = joined
+    fleet.set("A", "DB_URL", fleet.value())
+    query(fleet.db, "INSERT INTO ov.envs (app, name, created) VALUES (%s, 'Bad Env', 0)",
+          (APP,))
+    one_line(fleet.sync("B", check=None), 5, "ov.envs")
+    query(fleet.db, "DELETE FROM ov.envs WHERE name = 'Bad Env'")
+    query(fleet.db, "ALTER TABLE ov.manifests ALTER COLUMN manifest DROP NOT NULL")
+    query(fleet.db, "UPDATE ov.manifests SET manifest = NULL")
+    one_line(fleet.sync("B", check=None), 5, "ov.manifests")
+
+
+def test_a_manifest_of_an_app_that_is_not_there_is_an_integrity_error(joined):
+    fleet = joined
+    query(fleet.db, "ALTER TABLE ov.manifests DROP CONSTRAINT manifests_app_env_fkey")
+    query(fleet.db, "INSERT INTO ov.manifests (app, env, counter, manifest) VALUES "
+          "('ghost', 'production', 1, '\\x00')")
+    one_line(fleet.sync("B", check=None), 5, "ghost")
+
+
+def test_a_scoped_key_cannot_keep_a_replica(joined):
+    fleet = joined
+    scoped = fleet.demo.scoped_key
+    one_line(fleet.ov("B", "sync", "--machine-key", str(scoped), check=None), 2,
+             "unscoped machine key")
+    one_line(fleet.join("S", check=None, key=scoped), 4)
+    assert not fleet.hosts["S"].exists(), "a failed join left a vault"
+
+
+def test_a_notify_flood_does_not_stop_a_follower(joined, agents):
+    """NOTIFY needs no privilege: a flood from any role that may connect still lets
+    ov sync --follow serve a real change promptly (it pulls at most 5 times a
+    second)."""
+    fleet = joined
+    agent = fleet.agent(agents, "B")
+    with following(fleet, agents, "B") as follower, \
+            fleet.db.connect(autocommit=True) as conn:
+        flood_until = time.monotonic() + 2.0
+        value = fleet.value("during-flood")
+        fleet.set("A", "DB_URL", value)
+        while time.monotonic() < flood_until:
+            conn.execute("NOTIFY ov_changes")
+        assert fleet.agent_digests(agent)["DB_URL"] == sha256(value)
+        assert follower.poll() is None, "ov sync --follow stopped"

@@ -22,10 +22,17 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from ..core.errors import IntegrityError, OvError, StoreError, UsageError
-from ..core.store import AppRecord, SecretRecord, checked
+from ..core import store
+from ..core.store import AppRecord, SecretRecord
 
 CHANNEL = "ov_changes"
 CONNECT_TIMEOUT = 10                 # seconds
+# A database that goes silent, or a writer elsewhere that holds a lock, must not
+# hang a write (which holds the vault's write lock) or ov sync --follow for ever.
+SESSION = {"options": "-c statement_timeout=30000 -c lock_timeout=15000 "
+                      "-c idle_in_transaction_session_timeout=60000",
+           "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+           "keepalives_count": 3, "tcp_user_timeout": 60000}
 MIGRATION_LOCK = 0x6f76_7374_6f72    # pg_advisory_xact_lock key: "ovstor"
 MIGRATIONS = {1: """
 CREATE SCHEMA IF NOT EXISTS ov;
@@ -79,6 +86,8 @@ CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON ov.manifests
     FOR EACH STATEMENT EXECUTE FUNCTION ov.announce();
 CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON ov.apps
     FOR EACH STATEMENT EXECUTE FUNCTION ov.announce();
+CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON ov.envs
+    FOR EACH STATEMENT EXECUTE FUNCTION ov.announce();
 """}
 SCHEMA_VERSION = max(MIGRATIONS)
 # ov store init --print-sql: roles, for the database's owner to run once.
@@ -112,6 +121,24 @@ META_KEYS = ("vault_id", "salt", "kdf", "wrapped_kek", "kek_check")
 SECRET_COLUMNS = ("app", "env", "name", "version", "wrapped_dek", "ciphertext",
                   "created")
 APP_COLUMNS = ("name", "wrapped_key", "key_check", "generation", "created")
+# What each value read from the store must be: a vault's columns (core/store.py),
+# and the store's own.  Whoever runs the database can put anything in them.
+KINDS = {**store.KINDS, "count": lambda v: type(v) is int and 0 <= v < 2 ** 63,
+         "blob": lambda v: type(v) is bytes}
+COLUMNS = {**store.COLUMNS,
+           "manifests": {"app": "slug", "env": "slug", "counter": "count",
+                         "manifest": "blob", "seq": "count"},
+           "counts": {"app": "slug", "env": "slug", "count": "count"}}
+
+
+def _checked(table, columns, row):
+    """*row*, if each value is of its column's kind; else an IntegrityError naming
+    the table and column (never the value)."""
+    for column, value in zip(columns, row, strict=True):
+        if not KINDS[COLUMNS[table][column]](value):
+            raise IntegrityError(f"the shared store: a value in column {column} of table "
+                                 f"ov.{table} has the wrong type or size: tampered with")
+    return row
 
 
 def check_dsn(dsn):
@@ -138,7 +165,7 @@ class PgStore:
     def __init__(self, dsn):
         self.dsn = check_dsn(dsn)
         try:
-            self.db = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT)
+            self.db = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT, **SESSION)
         except psycopg.Error as exc:
             raise _unreachable(exc) from None
 
@@ -207,25 +234,37 @@ class PgStore:
             self.db.execute("INSERT INTO ov.meta (key, value) VALUES (%s, %s)",
                             (key, meta[key]))
 
-    def last_change(self):
-        (value,) = self._rows("SELECT last_value FROM ov.changes")[0]
-        return value
-
     # -- apps, envs --------------------------------------------------------------
 
-    def apps_since(self, seq):
-        """[(AppRecord, seq)] of apps written after *seq*."""
-        return [(AppRecord(*checked("the store", "apps", APP_COLUMNS, row[:5])), row[5])
-                for row in self._rows(f"SELECT {', '.join(APP_COLUMNS)}, seq FROM ov.apps "
-                                      "WHERE seq > %s ORDER BY name", (seq,))]
+    def apps(self):
+        """[AppRecord] of every app."""
+        return [AppRecord(*_checked("apps", APP_COLUMNS, row))
+                for row in self._rows(f"SELECT {', '.join(APP_COLUMNS)} FROM ov.apps "
+                                      "ORDER BY name")]
 
-    def put_app(self, record):
-        self.db.execute(
-            f"INSERT INTO ov.apps ({', '.join(APP_COLUMNS)}) VALUES (%s, %s, %s, %s, %s) "
-            "ON CONFLICT (name) DO UPDATE SET wrapped_key = excluded.wrapped_key, "
-            "key_check = excluded.key_check, generation = excluded.generation",
-            (record.name, record.wrapped_key, record.key_check, record.generation,
-             record.created))
+    def create_app(self, record):
+        """Insert a new app; False if another host created it first."""
+        return self._insert(f"INSERT INTO ov.apps ({', '.join(APP_COLUMNS)}) VALUES "
+                            "(%s, %s, %s, %s, %s)", (
+                                record.name, record.wrapped_key, record.key_check,
+                                record.generation, record.created))
+
+    def rotate_app(self, record):
+        """The app's record with its key one generation further (the caller locked
+        the row and checked the generation it replaces)."""
+        self.db.execute("UPDATE ov.apps SET wrapped_key = %s, key_check = %s, "
+                        "generation = %s WHERE name = %s AND generation = %s",
+                        (record.wrapped_key, record.key_check, record.generation,
+                         record.name, record.generation - 1))
+
+    def _insert(self, statement, params):
+        """Run an INSERT in a savepoint; False if a row with its key exists."""
+        try:
+            with self.db.transaction():
+                self.db.execute(statement, params)
+        except pgerrors.UniqueViolation:
+            return False
+        return True
 
     def app_generation(self, app, lock=None):
         """The store's key generation of *app* (None: no such app); *lock*: "UPDATE"
@@ -237,38 +276,44 @@ class PgStore:
 
     def envs(self):
         """[(app, env)] of every environment."""
-        return self._rows("SELECT app, name FROM ov.envs ORDER BY app, name")
+        return [_checked("envs", ("app", "name"), row) for row in
+                self._rows("SELECT app, name FROM ov.envs ORDER BY app, name")]
 
     def row_counts(self):
         """(app, env) -> how many secret versions the store holds there."""
-        return {(app, env): count for app, env, count in self._rows(
-            "SELECT app, env, count(*) FROM ov.secrets GROUP BY app, env")}
+        return {(app, env): count for app, env, count in (
+            _checked("counts", ("app", "env", "count"), row) for row in self._rows(
+                "SELECT app, env, count(*) FROM ov.secrets GROUP BY app, env"))}
 
     def put_env(self, app, env, created):
+        """A new environment, with its manifest row at number 0 (so that the first
+        writers of its secrets lock a row, and the second one waits)."""
         self.db.execute("INSERT INTO ov.envs (app, name, created) VALUES (%s, %s, %s) "
                         "ON CONFLICT DO NOTHING", (app, env, created))
+        self.db.execute("INSERT INTO ov.manifests (app, env, counter, manifest) VALUES "
+                        "(%s, %s, 0, '') ON CONFLICT DO NOTHING", (app, env))
 
     # -- manifests ---------------------------------------------------------------
 
-    def manifests_since(self, seq):
-        """[(app, env, counter, sealed manifest, seq)] written after *seq*."""
-        return [(app, env, counter, bytes(blob), at) for app, env, counter, blob, at in
-                self._rows("SELECT app, env, counter, manifest, seq FROM ov.manifests "
-                           "WHERE seq > %s ORDER BY app, env", (seq,))]
+    def manifest_counters(self):
+        """[(app, env, counter, seq)] of every manifest (not the manifests: a pull
+        fetches only those that changed)."""
+        return [_checked("manifests", ("app", "env", "counter", "seq"), row)
+                for row in self._rows("SELECT app, env, counter, seq FROM ov.manifests "
+                                      "ORDER BY app, env")]
 
     def manifest(self, app, env, lock=False):
-        """(counter, sealed manifest) of app/env, or (0, None); *lock*: until the
-        transaction ends (a writer's)."""
+        """(counter, sealed manifest) of app/env, (0, b"") before its first secret;
+        *lock*: until the transaction ends (a writer's)."""
         rows = self._rows("SELECT counter, manifest FROM ov.manifests WHERE app = %s "
                           "AND env = %s" + (" FOR UPDATE" if lock else ""), (app, env))
-        return (rows[0][0], bytes(rows[0][1])) if rows else (0, None)
+        if not rows:
+            return 0, b""
+        counter, blob = _checked("manifests", ("counter", "manifest"), rows[0])
+        return counter, bytes(blob)
 
     def put_manifest(self, app, env, counter, blob):
-        """The manifest after *counter* - 1: a conflict if another writer moved it."""
-        if counter == 1:
-            self.db.execute("INSERT INTO ov.manifests (app, env, counter, manifest) "
-                            "VALUES (%s, %s, 1, %s)", (app, env, blob))
-            return
+        """Manifest number *counter*, replacing *counter* - 1 (the caller locked it)."""
         updated = self.db.execute(
             "UPDATE ov.manifests SET counter = %s, manifest = %s WHERE app = %s AND "
             "env = %s AND counter = %s", (counter, blob, app, env, counter - 1)).rowcount
@@ -283,41 +328,27 @@ class PgStore:
             f"SELECT {', '.join(SECRET_COLUMNS)} FROM ov.secrets WHERE app = %s AND "
             "env = %s AND name = %s AND version > %s AND version <= %s ORDER BY version",
             (app, env, name, after, upto))
-        return [SecretRecord(*checked("the store", "secrets", SECRET_COLUMNS,
-                                      (*row[:4], bytes(row[4]), bytes(row[5]), row[6])))
+        return [SecretRecord(*_checked("secrets", SECRET_COLUMNS, row))
                 for row in rows]
-
-    def newest(self, app, env):
-        """name -> (version, sha256 of its ciphertext) of the newest record of each
-        secret of app/env, as the store has them (to hold against its manifest); a
-        name whose versions are not exactly 1 to the newest gets version 0."""
-        return {name: (version if count == version else 0, bytes(digest))
-                for name, version, digest, count in self._rows(
-                    "SELECT DISTINCT ON (name) name, version, sha256(ciphertext), "
-                    "count(*) OVER (PARTITION BY name) FROM ov.secrets WHERE app = %s "
-                    "AND env = %s ORDER BY name, version DESC", (app, env))}
 
     def put_secret(self, record):
         """Insert a secret version; False if the store has that version already
         (another host wrote it first: versions are append-only)."""
-        try:
-            with self.db.transaction():                  # a savepoint
-                self.db.execute(
-                    f"INSERT INTO ov.secrets ({', '.join(SECRET_COLUMNS)}) VALUES "
-                    "(%s, %s, %s, %s, %s, %s, %s)",
-                    (record.app, record.env, record.name, record.version,
-                     record.wrapped_dek, record.ciphertext, record.created))
-        except pgerrors.UniqueViolation:
-            return False
-        return True
+        return self._insert(
+            f"INSERT INTO ov.secrets ({', '.join(SECRET_COLUMNS)}) VALUES "
+            "(%s, %s, %s, %s, %s, %s, %s)",
+            (record.app, record.env, record.name, record.version, record.wrapped_dek,
+             record.ciphertext, record.created))
 
     def wrapped_deks(self, app):
         """(env, name, version) -> (wrapped DEK, ciphertext) of every version of every
         secret of *app* (a key rotation)."""
-        return {(env, name, version): (bytes(wrapped), bytes(ciphertext))
-                for env, name, version, wrapped, ciphertext in self._rows(
-                    "SELECT env, name, version, wrapped_dek, ciphertext FROM ov.secrets "
-                    "WHERE app = %s", (app,))}
+        columns = ("env", "name", "version", "wrapped_dek", "ciphertext")
+        return {(env, name, version): (wrapped, ciphertext)
+                for env, name, version, wrapped, ciphertext in (
+                    _checked("secrets", columns, row) for row in self._rows(
+                        f"SELECT {', '.join(columns)} FROM ov.secrets WHERE app = %s",
+                        (app,)))}
 
     def rewrap_secret(self, record):
         """The record's new wrapped DEK (a key rotation); False if the store has no
@@ -350,6 +381,12 @@ class _Guarded:
     def __exit__(self, kind, exc, tb):
         try:
             self._inner.__exit__(kind, exc, tb)
+        except psycopg.OperationalError as failure:
+            if kind is None:          # lost while committing: it may have landed
+                raise StoreError(f"{_unreachable(failure)} while committing: the "
+                                 "write may have reached it; run 'ov sync' and look"
+                                 ) from None
+            raise _refused(failure) from None
         except psycopg.Error as failure:
             raise _refused(failure) from None
         if isinstance(exc, psycopg.Error):
