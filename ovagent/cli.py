@@ -542,6 +542,9 @@ def store_status(*, vault=None):
     print(f"store: {found['store']}")
     print(f"last pull: {_when(found['synced']) if found['synced'] else 'never'} "
           f"(change {found['position']})")
+    if found["conflict"]:
+        when, _, what = found["conflict"].partition(" ")
+        print(f"last conflict: {_when(float(when))}: {what}")
     if found["latest"] is None:
         print(f"store now: {found['unreachable']}")
     else:

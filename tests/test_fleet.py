@@ -601,14 +601,17 @@ def following(fleet, agents, host):
         follower.wait(10)
 
 
-def test_status_says_how_far_behind_the_store_a_host_is(joined):
+def test_status_says_how_far_behind_the_store_a_host_is_and_its_last_conflict(joined):
     fleet = joined
     fleet.set("A", "DB_URL", fleet.value())
     out = fleet.ov("B", "store", "status", check=0).out
-    assert f"environments behind: {APP}/{ENV}" in out, out
+    assert f"environments behind: {APP}/{ENV}" in out and "conflict" not in out, out
+    one_line(fleet.set("B", "DB_URL", fleet.value(), check=None), 7, "DB_URL")
     fleet.sync("B")
     out = fleet.ov("B", "store", "status", check=0).out
     assert "environments behind: none" in out, out
+    assert re.search(r"^last conflict: .*: conflict on secret DB_URL of demo/production",
+                     out, re.M), out
 
 
 # -- what a review of the first version found (each failed on it) --------------------

@@ -29,7 +29,8 @@ def status(vault):
     store's (None: unreachable, with why), environments behind}."""
     meta = vault.store.get_meta()
     found = {"store": meta.get(replica.STORE), "synced": meta.get(replica.SYNCED),
-             "position": meta.get(replica.POSITION, 0), "latest": None, "behind": []}
+             "position": meta.get(replica.POSITION, 0), "latest": None, "behind": [],
+             "conflict": meta.get(replica.CONFLICT)}
     try:
         with replica.connect(found["store"]) as pg, pg.transaction():
             manifests = pg.manifest_counters()

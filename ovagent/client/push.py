@@ -22,11 +22,18 @@ UNSUPPORTED = UsageError("deleting an app or environment, or changing the master
 
 
 def write_through(vault, keyring):
-    """From now on, every write of this (joined) vault goes to the store first."""
+    """From now on, every write of this (joined) vault goes to the store first, and
+    a conflict is remembered for `ov store status`."""
     dsn = replica.joined(vault)
     if dsn:
         vault.store.before_commit = lambda store: push(vault, keyring, dsn,
                                                        store.touched)
+        vault.store.after_rollback = lambda exc: _remember(vault, exc)
+
+
+def _remember(vault, exc):
+    if isinstance(exc, ConflictError):
+        vault.store.put_meta({replica.CONFLICT: f"{time.time():.0f} {exc}"})
 
 
 def push(vault, keyring, dsn, touched):

@@ -11,6 +11,7 @@ COUNTER = "manifest:{}/{}"           # the number of the manifest applied
 ROWS = "rows:{}/{}"                  # the versions that manifest implies
 APPLIED = "sealed:{}/{}"             # that manifest itself, sealed
 WRITTEN = "written:{}/{}"            # the highest manifest number this host wrote
+CONFLICT = "store_conflict"          # the last conflict: when, and what
 
 
 def joined(vault):

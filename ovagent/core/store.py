@@ -161,6 +161,7 @@ class SqliteFile:
         # commits (a fleet's shared store: client/fleet.py writes through first).
         self.touched = set()
         self.before_commit = None
+        self.after_rollback = None
 
     @classmethod
     def create(cls, path, meta):
@@ -215,15 +216,18 @@ class SqliteFile:
     def transaction(self):
         """One atomic write transaction (taken eagerly to serialize writers).  The
         before_commit hook, if set, sees it whole before it commits, and may refuse
-        it by raising."""
+        it by raising; the after_rollback hook, if set, then sees why (outside any
+        transaction)."""
         self._begin("BEGIN IMMEDIATE")
         self.touched = set()
         try:
             yield self
             if self.before_commit is not None and self.touched:
                 self.before_commit(self)
-        except BaseException:
+        except BaseException as exc:
             self._rollback()
+            if self.after_rollback is not None:
+                self.after_rollback(exc)
             raise
         try:
             self._db.execute("COMMIT")
