@@ -54,6 +54,15 @@ def _writable(vault, keyring=None):
     return vault
 
 
+def _declare(arguments):
+    """Apply argparse declarations (flags, kwargs) as argh decorators."""
+    def decorate(function):
+        for flags, kwargs in reversed(arguments):
+            function = argh.arg(*flags, **kwargs)(function)
+        return function
+    return decorate
+
+
 def _new_password(password_stdin):
     if password_stdin:
         password = unlock.read_line("the new master password")
@@ -145,6 +154,48 @@ def upgrade(*, vault=None, machine_key=None, password_stdin=False):
           "the vault file was rolled back (docs: ov-auth(1))")
 
 
+# -- rolling a change out ----------------------------------------------------
+
+APPLY = [(("--apply",), {"choices": ("restart", "reload", "none"),
+                         "help": "then have systemd restart (try-restart) or reload "
+                                 "(try-reload-or-restart) each running unit that holds "
+                                 "an older version, as the agent knows them (without "
+                                 "it: say which units, and the command)"}),
+         (("--splay",), {"type": float, "metavar": "SECONDS",
+                         "help": "seconds between two units (default 0)"}),
+         (("--keep-going",), {"help": "act on the other units after one failed"})]
+
+
+def _check_splay(splay):
+    """--splay, checked before anything is written."""
+    if splay is not None and not 0 <= splay <= 86400:     # also refuses NaN
+        raise UsageError(f"--splay {splay}: give 0 to 86400 seconds")
+
+
+def _roll_out(app, env, versions, *, apply=None, splay=None, keep_going=False,
+              machine_key=None):
+    """After a change: the running units that hold an older version of *versions*
+    (name -> current version; None: any secret of app/env), restarted or reloaded
+    (*apply*), else named with the command that would.  Without --apply, an agent
+    that cannot be asked is no error."""
+    from .client import rollout, talk
+
+    try:
+        units = rollout.holders(app, env, versions, key=talk.find_key(machine_key))
+    except OvError as exc:
+        if apply is None:
+            return
+        raise OvError(f"cannot ask the agent which units to {apply}: {exc}") from None
+    if not units:
+        print("No running unit holds an older version")
+    elif apply in (None, "none"):
+        for line in rollout.advice(units):
+            print(line)
+    else:
+        rollout.apply(units, apply, splay=splay or 0.0, keep_going=keep_going,
+                      record=(app, env, versions))
+
+
 # -- ov app ----------------------------------------------------------------
 
 
@@ -190,14 +241,21 @@ def app_delete(app, *, force=False, vault=None):
 @MACHINE_KEY
 @PASSWORD_STDIN
 @APP_NAME
-def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False):
-    """Give an app a new key; machine keys scoped to it stop working."""
+@_declare(APPLY)
+def rotate_key(app, *, vault=None, machine_key=None, password_stdin=False, apply=None,
+               splay=None, keep_going=False):
+    """Give an app a new key; machine keys scoped to it stop working (with --apply,
+    restart or reload every running unit of the app, to take up a new key)."""
+    _check_splay(splay)
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key,
                             password_stdin=password_stdin)
     generation = _writable(opened, keyring).rotate_app_key(keyring, app)
     print(f"Rotated key of app {app} (generation {generation}); old scoped machine "
           "keys for it no longer work")
+    if apply is not None:
+        _roll_out(app, None, None, apply=apply, splay=splay, keep_going=keep_going,
+                  machine_key=machine_key)
 
 
 # -- ov env ----------------------------------------------------------------
@@ -245,11 +303,13 @@ def env_delete(env, *, app=None, vault=None):
 @VAULT
 @MACHINE_KEY
 @PASSWORD_FD
+@_declare(APPLY)
 def secret_set(name, *, app=None, env=None, vault=None, machine_key=None,
-               password_fd=None):
+               password_fd=None, apply=None, splay=None, keep_going=False):
     """Store a new version of a secret; the value is read from stdin (one trailing
     newline removed) or prompted for without echo, never taken from the command line."""
     check_name(name)
+    _check_splay(splay)
     target = config.resolve(app, env, vault=True)
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key, password_fd=password_fd,
@@ -262,6 +322,8 @@ def secret_set(name, *, app=None, env=None, vault=None, machine_key=None,
     version = _writable(opened, keyring).set_secrets(keyring, target.app, target.env,
                                                      {name: value})[name]
     print(f"Set {name} in {target.app}/{target.env} (version {version})")
+    _roll_out(target.app, target.env, {name: version}, apply=apply, splay=splay,
+              keep_going=keep_going, machine_key=machine_key)
 
 
 @argh.named("list")
@@ -333,15 +395,6 @@ def secret_import(file, *, app=None, env=None, dry_run=False, vault=None,
 # -- ov run ----------------------------------------------------------------
 
 SOCKET = argh.arg("--socket", metavar="PATH", help=options.SOCKET_HELP)
-
-
-def _declare(arguments):
-    """Apply argparse declarations (flags, kwargs) as argh decorators."""
-    def decorate(function):
-        for flags, kwargs in reversed(arguments):
-            function = argh.arg(*flags, **kwargs)(function)
-        return function
-    return decorate
 
 
 @_declare(options.RUN_ARGUMENTS)
@@ -454,6 +507,23 @@ def agent_status(*, socket=None, pid_file=None, machine_key=None):
     print(f"policy: {info.get('policy', 'not reported by this agent')}")
     if info.get("reason"):
         print(f"unconfigured: {info['reason']}")
+
+
+@argh.named("consumers")
+@SOCKET
+@argh.arg("--machine-key", metavar="PATH", help="key to sign the request with")
+@argh.arg("--app", metavar="SLUG", help="only this app")
+@argh.arg("--env", metavar="SLUG", help="only this environment")
+@argh.arg("--secret", metavar="NAME", help="only units that hold this secret")
+def agent_consumers(*, socket=None, machine_key=None, app=None, env=None, secret=None):
+    """List the running units the agent released secrets to, and the versions they
+    hold (never values); root or the agent's own user only."""
+    from .client import rollout, talk
+
+    units = talk.consumers(socket or paths.client_socket(), talk.find_key(machine_key),
+                           app, env, [check_name(secret)] if secret else None)
+    for unit in units:
+        print(rollout.describe(unit))
 
 
 @argh.named("install")
@@ -664,7 +734,7 @@ GROUPS = [
     ("secret", "secrets of an environment",
      [secret_set, secret_list, secret_delete, secret_import]),
     ("agent", "the agent daemon", [agent_start, agent_stop, agent_status,
-                                   agent_install]),
+                                   agent_consumers, agent_install]),
     ("store", "a fleet's shared store (PostgreSQL)", [store_init, store_join,
                                                        store_status]),
 ]

@@ -388,7 +388,10 @@ class AgentHarness:
         self.demo, self.tmp = demo, tmp_path
         self.agents, self.procs, self.pids = [], [], []
         self._count = 0
-        self.env = dict(demo.ov.env, FOO_AGENT_ONLY="1")
+        # Every agent of a test keeps its registry of consumers in the test's own
+        # state directory (a --system agent's default is the host's /var/lib/ov).
+        self.state = tmp_path / "state"
+        self.env = dict(demo.ov.env, FOO_AGENT_ONLY="1", STATE_DIRECTORY=str(self.state))
 
     def _paths(self, name):
         self._count += 1
@@ -459,7 +462,8 @@ class AgentHarness:
         key = self.demo.key if key is None else key
         pid_path = sock.with_name(f"{name}.pid") if pid_file else None
         env_flags = []
-        for assignment in (f"OV_VAULT={self.demo.path}", "FOO_AGENT_ONLY=1", *setenv):
+        for assignment in (f"OV_VAULT={self.demo.path}", "FOO_AGENT_ONLY=1",
+                           f"STATE_DIRECTORY={self.state}", *setenv):
             env_flags += ["-E", assignment]
         sockets = [*listen, (sock, "ov-agent")]
         args = [SOCKET_ACTIVATE, *[arg for path, _ in sockets for arg in ("-l", str(path))],

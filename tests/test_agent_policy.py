@@ -16,14 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
-from pathlib import Path
 
 import pytest
 
-from helpers import (DEMO_SECRETS, OV, SETPRIV, PROBE, answer, cgroup2_mount,
-                     descriptor_count, needs_setpriv, protocol, redact, sha256, signed,
-                     wait_for)
+from helpers import (DEMO_SECRETS, OV, SETPRIV, PROBE, answer, descriptor_count,
+                     needs_setpriv, protocol, redact, sha256, signed, wait_for)
 
 DIGESTS = {name: sha256(value) for name, value in DEMO_SECRETS.items()}
 DENIED_EXIT = 4
@@ -718,37 +715,6 @@ def test_policy_show_lists_the_rules_and_each_files_digest(demo, tmp_path):
 
 
 # -- units: clients put into cgroups named like units --------------------------------
-
-
-@pytest.fixture
-def unit_cgroup():
-    """make("a.slice/x.service"): a cgroup under a private slice of our own
-    cgroup2 group, where a client started with in_cgroup() counts as in that unit."""
-    root = cgroup2_mount()
-    own = Path("/proc/self/cgroup").read_text().split("0::", 1)[-1].split("\n")[0]
-    if os.geteuid() != 0 or root is None or not own:
-        pytest.skip("needs root and a cgroup2 hierarchy")
-    base = Path(root, own.strip("/"), f"ov-policy-{uuid.uuid4().hex[:8]}.slice")
-    try:
-        base.mkdir()
-    except OSError as exc:
-        pytest.skip(f"cannot create a cgroup here: {exc.strerror}")
-    created = [base]
-
-    def make(relative):
-        path = base
-        for part in relative.split("/"):
-            path = path / part
-            if not path.exists():
-                path.mkdir()
-                created.append(path)
-        return path
-
-    yield make
-    for path in reversed(created):
-        wait_for(lambda: not (path / "cgroup.procs").read_text().strip(),
-                 f"cgroup {path} to empty")
-        path.rmdir()
 
 
 def in_cgroup(group, agent, key, *command, options=(), prefix=(), cwd, env):

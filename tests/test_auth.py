@@ -29,6 +29,7 @@ class Peer:
     def __init__(self, uid=os.geteuid(), unit="caller.service"):
         self.pid, self.uid, self.gid, self.unit = 4242, uid, 100, unit
         self.groups, self.manager_uid, self.located = (), None, True
+        self.cgroup = None
         self.owner = f"uid {uid}"
 
     def fields(self):

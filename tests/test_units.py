@@ -122,7 +122,7 @@ def test_catalog_substitutes_only_fields_the_agent_sends():
             "ENV", "COMMAND", "SECRETS", "VERSIONS", "PEER_PID", "PEER_UID", "PEER_GID",
             "PEER_UNIT", "CODE", "REASON", "CHILD_PID", "EXIT_STATUS", "OUTCOME", "RUNNING",
             "POLICY", "POLICY_RULE", "POLICY_DIR", "POLICY_FILES", "ERROR", "STORE",
-            "FROM_SEQ", "TO_SEQ", "CHANGED"}
+            "FROM_SEQ", "TO_SEQ", "CHANGED", "ACTION", "UNITS"}
     used = set(re.findall(r"@([A-Z0-9_]+)@", text))
     assert used <= sent, used - sent
 

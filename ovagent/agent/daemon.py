@@ -13,6 +13,8 @@ from ..core.procfs import process_cgroups
 from ..core.vault import Vault
 from ..core.audit import JOURNAL_SOCKET, Audit, journal_available, journal_sender
 from .auth import KeyState
+from .consumers import FILE_NAME as CONSUMERS_FILE
+from .consumers import Consumers
 from .policy_files import PolicySource
 from .secmem import LockedPage, harden_process, wipe
 from .server import Server
@@ -188,8 +190,10 @@ def start(*, machine_key=None, app=None, socket_path=None, pid_file=None,
             _write_pid_file(pid_file, ready_w)
         policy = PolicySource(policy_dir, policy_owners(system), enforce_policy, audit,
                               required=policy_required)
+        consumers = Consumers(os.path.join(paths.state_dir(system), CONSUMERS_FILE))
         state = AgentState(KeyState(vault_obj, keyring, mode, reason, subkey),
-                           default_app=app, all_users=system, audit=audit, policy=policy)
+                           default_app=app, all_users=system, audit=audit, policy=policy,
+                           consumers=consumers)
         server = Server(listener, state, Spawner(state, **_given(grace=grace)),
                         **_given(max_clients=max_clients, drain=drain))
         _announce(audit, state, socket_path, hardening + page.protections)

@@ -32,6 +32,7 @@ def release(state, peer, req, subkey, request_id):
                  app=app, env=env, secrets=names,
                  versions=[f"{name}={revealed[name][0]}" for name in names],
                  command=req["argv0"], policy_rule=decision.rule, **peer.fields())
+    state.consumers.record(peer, app, env, {name: revealed[name][0] for name in names})
     revealed.clear()
     state.count("released")
     return frame

@@ -187,6 +187,14 @@ def giving_way(connections, owner):
                key=lambda conn: conn.deadline)
 
 
+def answer_to(state, conn, req, subkey):
+    """The encoded answer to a verified status, release or consumers request."""
+    if req["op"] == "release":
+        return release(state, conn.peer, req, subkey, conn.request_id)
+    return protocol.encode_frame(state.status() if req["op"] == "status" else
+                                 state.list_consumers(conn.peer, req))
+
+
 class Server:
     def __init__(self, listener, state, spawner, *, max_clients=DEFAULT_MAX_CLIENTS,
                  drain=DEFAULT_DRAIN):
@@ -222,7 +230,7 @@ class Server:
             left = self.drain - (time.monotonic() - (self._stop_at or time.monotonic()))
             self.spawner.finish(max(0.0, left))
         finally:
-            self.state.denials.flush(everything=True)   # spawns may deny until here
+            self.state.finish()                # spawns may deny until here
             self._signals.close()
         return 0
 
@@ -234,7 +242,7 @@ class Server:
                 self.notifier.watchdog()
                 next_watchdog = now + self.notifier.watchdog_interval
             if now >= next_summary:
-                self.state.denials.flush()
+                self.state.every_second()
                 next_summary = now + 1.0
             self.listener.wake(now, stopping=self._stop_at is not None)
             for key, events in self.selector.select(self._timeout(now)):
@@ -364,9 +372,7 @@ class Server:
             if fds:
                 raise ProtocolError(protocol.E_BAD_REQUEST,
                                     f"a {req['op']} request carries no descriptors")
-            self._answer(conn, protocol.encode_frame(self.state.status())
-                         if req["op"] == "status" else
-                         release(self.state, conn.peer, req, subkey, conn.request_id))
+            self._answer(conn, answer_to(self.state, conn, req, subkey))
         except Exception as exc:   # one request must never take the agent down
             self._refuse(conn, exc)
         finally:

@@ -20,7 +20,6 @@ from .state import refuse_and_close
 DEFAULT_GRACE = 5.0           # seconds between SIGTERM and SIGKILL of an orphan
 DETACH_WAIT = 5.0             # seconds for supervisors to let go after detaching
 RELAYED = {int(getattr(signal, name)) for name in protocol.RELAYED_SIGNALS}
-CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified, hybrid
 
 
 def _in_callers_place(cgroup_fd, core_limit):
@@ -128,6 +127,8 @@ class Spawner:
                       command=req["argv"][0], secrets=sorted(revealed),
                       policy_rule=decision.rule, **peer.fields())
         self.state.record("accepted", f"running {req['argv'][0]} for uid {peer.uid}", **fields)
+        self.state.consumers.record(peer, app, env, {name: version for name, (version, _)
+                                                     in revealed.items()})
         environ = {os.fsencode(k): os.fsencode(v) for k, v in req["environ"].items()}
         environ.update({name.encode(): value for name, (_, value) in revealed.items()})
         revealed.clear()
@@ -169,7 +170,7 @@ class Spawner:
         if not peer.cgroup or peer.cgroup == self.state.own_cgroup:
             return []
         return [os.path.join(root, peer.cgroup.lstrip("/"), "cgroup.procs")
-                for root in CGROUP_ROOTS]
+                for root in procfs.CGROUP_ROOTS]
 
     @staticmethod
     def _open_cgroup_procs(candidates):

@@ -16,18 +16,21 @@ from ..core.validate import DEFAULT_APP, DEFAULT_ENV
 from ..core.audit import Audit
 from .denials import Denials
 from .auth import NonceCache
+from .consumers import Consumers
 from .policy import Caller, PolicyDenied
 from .policy_files import PolicySource
 
 
 class AgentState:
     def __init__(self, keys, *, default_app=None, all_users=False, audit=None,
-                 policy=None, clock=time.time):
+                 policy=None, consumers=None, clock=time.time):
         """keys: a KeyState; all_users: serve every uid (the system agent), else only
         the agent's own uid and root; policy: a PolicySource (None: policy off);
-        clock: the wall clock requests are checked against (tests inject one)."""
+        consumers: the registry (None: in memory only); clock: the wall clock
+        requests are checked against (tests inject one)."""
         self.keys = keys
         self.policy = policy or PolicySource.off()
+        self.consumers = consumers or Consumers(None)
         self.default_app = default_app or keys.scope or DEFAULT_APP
         self.all_users = all_users
         self.audit = audit or Audit()
@@ -50,6 +53,25 @@ class AgentState:
         if self.all_users or peer.uid in (self.uid, 0):
             return None
         return f"uid {peer.uid} may not use this agent (it serves uid {self.uid})"
+
+    def list_consumers(self, peer, req):
+        """The 'consumers' answer: which units hold which versions (filtered by the
+        request's app, env and secrets), for root or the agent's own user only."""
+        if peer.uid not in (0, self.uid):
+            raise ProtocolError(protocol.E_PEER, "only root or the agent's own user may "
+                                "list which units hold which secrets")
+        return {"type": "consumers", "units": self.consumers.listing(
+            req["app"], req["env"], req["secrets"])}
+
+    def every_second(self):
+        """The event loop's upkeep: sum up repeated denials, save the registry."""
+        self.denials.flush()
+        self.consumers.save()
+
+    def finish(self):
+        """The agent stops: every denial recorded, the registry saved."""
+        self.denials.flush(everything=True)
+        self.consumers.save()
 
     def reload_policy(self):
         """SIGHUP: read the policy again (the next request is decided by it, or by

@@ -145,11 +145,22 @@ def _explain_unsigned(error, key):
 
 
 def status(socket_path, key):
+    return _ask(socket_path, key, "status")
+
+
+def consumers(socket_path, key, app=None, env=None, secrets=None):
+    """The units the agent released secrets to, and the versions they hold."""
+    return _ask(socket_path, key, "consumers", app=app, env=env,
+                secrets=secrets)["units"]
+
+
+def _ask(socket_path, key, op, **fields):
+    """One signed request of *op* and the agent's answer of the same type."""
     sock = connect(socket_path)
     try:
-        req, _ = _signed(sock, "status", key)
+        req, _ = _signed(sock, op, key, **fields)
         protocol.send_frame(sock, req)
-        return _expect(sock, "status")
+        return _expect(sock, op)
     except OSError as exc:
         raise AgentError(f"lost the agent: {exc.strerror}") from None
     except AgentError as exc:

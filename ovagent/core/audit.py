@@ -29,6 +29,7 @@ MESSAGE_IDS = {
     "policy-loaded": "deab4ccbbb1540e78550de8b645e0ae5",
     "policy-invalid": "d093f497cf6f4b8bb6f86dec7aec025e",
     "synced": "30c1b78e410a4b26b8c1d089593bed9d",
+    "rotated": "92166372691e4900ba795e2102ffb3f0",
 }
 # warning, error; others are info (6)
 PRIORITY = {"denied": 4, "unconfigured": 3, "policy-invalid": 3}

@@ -49,6 +49,18 @@ def policy_dir(system=False):
     return SYSTEM_POLICY if system else os.path.join(config_home(), "ov", "policy.d")
 
 
+def state_dir(system=False):
+    """Where an agent keeps what survives it (its registry of consumers): systemd's
+    StateDirectory= ($STATE_DIRECTORY), else /var/lib/ov for the system agent, else
+    $XDG_STATE_HOME/ov."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    if system:
+        return os.path.dirname(SYSTEM_VAULT)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "ov")
+
+
 def user_config():
     return os.path.join(config_home(), "ov", "config.yaml")
 

@@ -22,6 +22,7 @@ STATUS_FIELDS = {"Uid": "uids", "Gid": "gids", "Groups": "supplementary groups",
                  "CapAmb": "ambient capabilities"}
 SECCOMP_FILTERED = ["2"]            # /proc shows that filters exist, not which
 CORE_LIMIT = "Max core file size"   # the agent lowers its own soft limit (secmem)
+CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified, hybrid
 
 
 def process_cgroups(pid):

@@ -302,6 +302,7 @@ OP_FIELDS = {
     "status": {},
     "release": {**TARGET_FIELDS, "argv0": str},
     "spawn": {**TARGET_FIELDS, "argv": list, "environ": dict, "cwd": str, "umask": int},
+    "consumers": TARGET_FIELDS,          # which units hold what (filters; root only)
 }
 
 

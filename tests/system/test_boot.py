@@ -40,6 +40,9 @@ tree is installed into it; the scenarios then share that system, in this order
        STRIPE_LIVE_KEY, one refused entirely, each visible in the journal with the
        rule that decided; a reload changes the outcome without a restart, an
        invalid policy is refused and the previous one kept
+  s18  rollout: ov secret set --apply restart restarts the service that holds the
+       old version (its new start sees the new one), not one that holds another
+       secret; the registry of consumers survives an agent restart
   s17  a fleet: the system vault replicates a PostgreSQL store in the box; a write
        on another host reaches the running agent through ov-sync.service (LISTEN)
        within 2 s; with the database stopped the agent keeps serving
@@ -87,7 +90,8 @@ VALUE = "ov-boot-SECRET-" + secrets.token_hex(16)    # the secret the callers as
 VALUE2 = "ov-boot-SECRET2-" + secrets.token_hex(16)  # its second version (s13)
 OTHER = "ov-boot-OTHER-" + secrets.token_hex(16)     # a secret nobody asks for
 VALUE3 = "ov-boot-SECRET3-" + secrets.token_hex(16)  # its third version (s17)
-VALUES = (VALUE, VALUE2, OTHER, VALUE3)
+VALUE4 = "ov-boot-SECRET4-" + secrets.token_hex(16)  # rolled out to a service (s18)
+VALUES = (VALUE, VALUE2, OTHER, VALUE3, VALUE4)
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 APP, ENV = "demo", "production"
 CALLER = "ovcaller"                                   # an ordinary system user
@@ -1181,6 +1185,63 @@ def test_s16_policy_decides_per_unit_and_reloads_without_restart(box):
                        what="policy off again")
     assert off and "policy: off" in box.run("ov", "agent", "status").out
     assert not journal_has_value(box), "a secret value reached the journal"
+
+
+# -- s18: rolling a changed secret out to the units that hold it ----------------------
+
+ROTATED = "92166372691e4900ba795e2102ffb3f0"
+
+
+def long_running(name, secret):
+    """A caller service that prints the digest of *secret* at start, then stays."""
+    return caller_unit(name, f"/usr/bin/ov run --agent --app {APP} --env {ENV} --secrets "
+                       f"{secret} -- /bin/sh -c '/usr/local/bin/ov-digest-of {secret}; "
+                       "exec sleep infinity'")
+
+
+def started_digests(box, unit):
+    return re.findall(r"^digest=([0-9a-f]{64})$", unit_output(box, unit), re.M)
+
+
+def test_s18_a_changed_secret_is_rolled_out_to_the_units_that_hold_it(box):
+    """Two services hold secrets from the system agent: ov-roll (DB_URL) and
+    ov-steady (OTHER_SECRET).  ov agent consumers lists both; ov secret set DB_URL
+    --apply restart restarts ov-roll, whose new start sees the new value, and leaves
+    ov-steady running; a 'rotated' record says so; after an agent restart the
+    registry still knows both units."""
+    need("configured")
+    box.write("/usr/local/bin/ov-digest-of", DIGEST_OF, 0o755)
+    for name, secret in (("ov-roll", "DB_URL"), ("ov-steady", "OTHER_SECRET")):
+        unit_file(box, f"{name}.service", long_running(name, secret))
+        box.systemctl("start", f"{name}.service")
+    try:
+        box.wait_for(lambda: started_digests(box, "ov-roll.service")
+                     and started_digests(box, "ov-steady.service"), timeout=30,
+                     what="both services to report their digest")
+        listed = box.run("ov", "agent", "consumers").out
+        assert "ov-roll.service" in listed and "ov-steady.service" in listed, listed
+        steady = box.show("ov-steady.service", "MainPID")["MainPID"]
+        rolled = box.show("ov-roll.service", "MainPID")["MainPID"]
+        result = box.run("ov", "secret", "set", "DB_URL", "--app", APP, "--env", ENV,
+                         "--machine-key", KEY, "--apply", "restart", input=VALUE4)
+        assert "restart ov-roll.service" in result.out and "ok" in result.out, result.out
+        assert "ov-steady" not in result.out, result.out
+        STATE["db_url"] = VALUE4
+        box.wait_for(lambda: started_digests(box, "ov-roll.service")[-1:] ==
+                     [digest(VALUE4)], timeout=30, what="ov-roll to restart with it")
+        assert box.show("ov-roll.service", "MainPID")["MainPID"] != rolled
+        assert box.show("ov-steady.service", "MainPID")["MainPID"] == steady, \
+            "a unit holding another secret was restarted"
+        record = box.journal(f"MESSAGE_ID={ROTATED}", "-n", "1")[-1]
+        assert record["ACTION"] == "restart" and "ov-roll.service:ok" in record["UNITS"], \
+            record
+        box.systemctl("restart", "ov-agent.service")
+        listed = box.run("ov", "agent", "consumers").out
+        assert "ov-roll.service" in listed and "ov-steady.service" in listed, \
+            f"the registry did not survive the restart: {listed}"
+        assert not journal_has_value(box), "a secret value reached the journal"
+    finally:
+        box.systemctl("stop", "ov-roll.service", "ov-steady.service", check=False)
 
 
 # -- s17: a fleet: ov-sync.service keeps the system vault a replica -----------------------
