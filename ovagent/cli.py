@@ -633,17 +633,35 @@ def _changes(changed):
 @VAULT
 @MACHINE_KEY
 @PASSWORD_STDIN
-def sync(*, follow=False, vault=None, machine_key=None, password_stdin=False):
+@_declare(APPLY)
+def sync(*, follow=False, vault=None, machine_key=None, password_stdin=False,
+         apply=None, splay=None, keep_going=False):
     """Pull what changed in the shared store into this host's vault (writes go to
-    the store as they are made)."""
+    the store as they are made); with --apply, roll each change out to the units of
+    this host that hold an older version."""
     from .client import fleet
 
+    _check_splay(splay)
     opened = _open_vault(vault)
     keyring = unlock.unlock(opened, machine_key=machine_key, password_stdin=password_stdin)
+
+    def synced(changed, quiet=False):
+        _report_sync(changed, quiet)
+        for app, env, names in changed if apply else ():
+            current = {record.name: record.version
+                       for record in opened.list_secrets(app, env) if record.name in names}
+            try:
+                _roll_out(app, env, current, apply=apply, splay=splay,
+                          keep_going=keep_going, machine_key=machine_key)
+            except OvError as exc:
+                if not follow:
+                    raise
+                warn(f"{exc}; the next change is rolled out all the same")
+
     if follow:
-        fleet.follow(opened, keyring, lambda changed: _report_sync(changed, quiet=True),
+        fleet.follow(opened, keyring, lambda changed: synced(changed, quiet=True),
                      lambda exc: warn(f"{exc}; trying again"))
-    _report_sync(fleet.pull(opened, keyring))
+    synced(fleet.pull(opened, keyring))
 
 
 def _report_sync(changed, quiet=False):

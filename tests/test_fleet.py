@@ -773,3 +773,29 @@ def test_a_notify_flood_does_not_stop_a_follower(joined, agents):
             conn.execute("NOTIFY ov_changes")
         assert fleet.agent_digests(agent)["DB_URL"] == sha256(value)
         assert follower.poll() is None, "ov sync --follow stopped"
+
+
+def test_sync_apply_restarts_this_hosts_units_holding_an_older_version(joined, agents,
+                                                                        unit_cgroup,
+                                                                        tmp_path):
+    """A sets DB_URL; B's `ov sync --apply restart` pulls it and has systemctl
+    restart the unit of host B that holds the old version (as B's agent knows it),
+    and no other."""
+    from test_agent_consumers import FAKE_SYSTEMCTL, released_in
+
+    fleet = joined
+    agent = fleet.agent(agents, "B")
+    released_in(unit_cgroup("shop.service"), agent, "DB_URL")
+    released_in(unit_cgroup("cart.service"), agent, "API_TOKEN")
+    fleet.set("A", "DB_URL", fleet.value())
+    script, log = tmp_path / "fake-systemctl", tmp_path / "systemctl.log"
+    script.write_text(FAKE_SYSTEMCTL)
+    script.chmod(0o755)
+    result = fleet.demo.ov("sync", "--machine-key", fleet.key, "--apply", "restart",
+                           env={"OV_VAULT": str(fleet.hosts["B"]),
+                                "OV_AGENT_SOCK": str(agent.socket),
+                                "SYSTEMCTL": str(script), "FAKE_SYSTEMCTL_LOG": str(log),
+                                "FAKE_SYSTEMCTL_FAIL": ""}, check=0)
+    assert "restart shop.service" in result.out, result.out
+    assert [line.split()[-2:] for line in log.read_text().splitlines()] == [
+        ["try-restart", "shop.service"]]
