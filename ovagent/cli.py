@@ -186,14 +186,39 @@ def _roll_out(app, env, versions, *, apply=None, splay=None, keep_going=False,
         if apply is None:
             return
         raise OvError(f"cannot ask the agent which units to {apply}: {exc}") from None
+    actions = ({index: apply for index in range(len(units))} if apply is not None
+               else _on_change(units, versions))
     if not units:
         print("No running unit holds an older version")
-    elif apply in (None, "none"):
-        for line in rollout.advice(units):
-            print(line)
-    else:
-        rollout.apply(units, apply, splay=splay or 0.0, keep_going=keep_going,
-                      record=(app, env, versions))
+    for action in ("restart", "reload"):
+        chosen = [unit for index, unit in enumerate(units) if actions.get(index) == action]
+        if chosen:
+            rollout.apply(chosen, action, splay=splay or 0.0, keep_going=keep_going,
+                          record=(app, env, versions))
+    for line in rollout.advice([unit for index, unit in enumerate(units)
+                                if actions.get(index) not in ("restart", "reload")]):
+        print(line)
+
+
+def _on_change(units, versions):
+    """index -> the action the agent's policy gives each of *units* (on_change, in
+    the allow rule that lets it have the changed secrets), when --apply says none."""
+    from .agent import daemon, policy_files
+    from .agent.policy import Caller
+
+    system = (os.environ.get("OV_AGENT_SOCK") or paths.client_socket()) == \
+        paths.SYSTEM_SOCKET
+    try:
+        policy = policy_files.read_policy(paths.policy_dir(system),
+                                          daemon.policy_owners(system))
+    except OvError as exc:
+        warn(f"the policy's on_change is not used: {exc}")
+        return {}
+    names = list(versions) if versions is not None else None
+    return {index: policy.on_change(Caller.of_uid(unit["uid"], unit["unit"],
+                                                  unit["user_manager"]),
+                                    unit["app"], unit["env"], names)
+            for index, unit in enumerate(units) if policy.enforcing}
 
 
 # -- ov app ----------------------------------------------------------------

@@ -290,3 +290,23 @@ def test_an_invalid_splay_is_a_usage_error_not_a_traceback(demo, agent, unit_cgr
     lines = result.err.splitlines()
     assert len(lines) == 1 and "splay" in lines[0], redact(result.err)
     assert systemctl.calls() == []            # no unit acted on with a bad splay
+
+
+def test_without_apply_the_policys_on_change_decides(agents, demo, systemctl,
+                                                     unit_cgroup):
+    """The agent's policy gives shop.service on_change = "restart": a change of
+    DB_URL restarts it without --apply; --apply none still only names it."""
+    directory = demo.ov.env["XDG_CONFIG_HOME"] + "/ov/policy.d"
+    os.makedirs(directory, mode=0o700)
+    with open(f"{directory}/10-shop.toml", "w") as handle:
+        handle.write('[[allow]]\nunit = "shop.service"\nuser = "root"\napp = "demo"\n'
+                     'secrets = "DB_URL"\non_change = "restart"\n')
+    agent = agents.start()
+    released_in(unit_cgroup("shop.service"), agent, "DB_URL")
+    result = set_secret(demo, agent, systemctl, check=0)
+    assert "restart shop.service" in result.out, result.out
+    assert systemctl.calls() == [["try-restart", "shop.service"]]
+    released_in(unit_cgroup("shop.service"), agent, "DB_URL")
+    result = set_secret(demo, agent, systemctl, "--apply", "none", check=0)
+    assert "still holds an older version: shop.service" in result.out, result.out
+    assert len(systemctl.calls()) == 1

@@ -968,3 +968,35 @@ def test_named_caller_with_a_non_ascii_digit_is_a_usage_error(user, groups):
     --user ² must say "no user", not end in a ValueError traceback."""
     with pytest.raises(UsageError):
         Caller.named(user, groups)
+
+
+# -- on_change: what ov secret set does without --apply ------------------------------
+
+
+def test_on_change_is_taken_from_the_allow_rule_that_covers_the_secret():
+    example = policy("""
+        [[allow]]
+        unit = "shop.service"
+        user = 1000
+        secrets = ["DATABASE_URL"]
+        on_change = "reload"
+        [[allow]]
+        unit = "shop.service"
+        user = 1000
+        secrets = ["REDIS_URL"]
+        """)
+    shop = caller("shop.service")
+    assert example.on_change(shop, APP, ENV, ["DATABASE_URL"]) == "reload"
+    assert example.on_change(shop, APP, ENV, ["REDIS_URL"]) is None
+    assert example.on_change(shop, APP, ENV, None) == "reload"          # a key rotation
+    assert example.on_change(caller("other.service"), APP, ENV, None) is None
+    assert "on_change = 'reload'" in example.rules[0].describe()
+
+
+@pytest.mark.parametrize("text", [
+    '[[allow]]\nunit = "a.service"\nuser = 0\non_change = "kill"\n',
+    '[[allow]]\nunit = "a.service"\nuser = 0\non_change = ["restart"]\n',
+    '[[deny]]\nunit = "a.service"\non_change = "restart"\n'])
+def test_on_change_is_restart_reload_or_none_in_an_allow_rule(text):
+    with pytest.raises(PolicyError, match="on_change"):
+        rules(text)

@@ -91,6 +91,17 @@ class Caller:
         unit, manager_uid = procfs.unit_of(unit or "")
         return cls(int(user) if entry is None else entry.pw_uid, gids, unit, manager_uid)
 
+    @classmethod
+    def of_uid(cls, uid, unit, manager_uid):
+        """A caller the registry of consumers knows: its uid (groups from the group
+        database), unit and user manager."""
+        try:
+            entry = pwd.getpwuid(uid)
+            gids = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        except KeyError:
+            gids = ()
+        return cls(uid, gids, unit, manager_uid)
+
     @functools.cached_property
     def users(self):
         return user_keys(self.uid)
@@ -148,8 +159,10 @@ class Rule:
     secrets left out are "*"."""
 
     def __init__(self, effect, origin, *, unit=None, user=None, group=None, app=None,
-                 env=None, secrets=("*",)):
-        self.effect, self.origin = effect, origin
+                 env=None, secrets=("*",), on_change=None):
+        """on_change: what ov secret set does to the units this rule allows when a
+        secret it covers changes, without --apply (restart, reload or none)."""
+        self.effect, self.origin, self.on_change = effect, origin, on_change
         self.unit = Patterns(unit) if unit is not None else None
         self.user = frozenset(user) if user is not None else None
         self.group = frozenset(group) if group is not None else None
@@ -191,6 +204,8 @@ class Rule:
             ("group", self.group and sorted(self.group)), ("app", self.app and self.app.items),
             ("env", self.env and self.env.items), ("secrets", self.secrets.items))
             if value is not None]
+        if self.on_change:
+            parts.append(f"on_change = {self.on_change!r}")
         return f"{self.origin}: {self.effect} " + ", ".join(parts)
 
 
@@ -221,6 +236,14 @@ class Policy:
             return "off"
         return (f"enforcing, {len(self.rules)} rule(s) from {len(self.files)} file(s)"
                 f" in {self.directory}")
+
+    def on_change(self, caller, app, env, names):
+        """The on_change of the first allow rule that matches *caller* for app/env
+        and covers one of *names* (None: any secret, a key rotation); None without
+        one."""
+        return next((rule.on_change for rule in self.matching(caller, app, env)[0]
+                     if rule.on_change and (names is None or any(map(rule.covers, names)))),
+                    None)
 
     def matching(self, caller, app, env):
         """(allow rules, deny rules) that speak of *caller* asking for app/env."""

@@ -34,7 +34,8 @@ MAX_RULES = 10_000
 MAX_ITEMS = 1024                  # values of one selector
 MAX_ITEM_LEN = 256
 IDENTITY_KEYS = ("unit", "user", "group")
-KEYS = (*IDENTITY_KEYS, "app", "env", "secrets")
+KEYS = (*IDENTITY_KEYS, "app", "env", "secrets", "on_change")
+ON_CHANGE = ("restart", "reload", "none")     # ov secret set's default --apply
 _GLOB_SYNTAX = GLOB_CHARACTERS | {"]", "!"}
 UNIT_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                             "0123456789:-_.\\@") | _GLOB_SYNTAX
@@ -225,6 +226,11 @@ def _selectors(effect, origin, table):
         raise PolicyError(f"{origin}: unit = \"*\" is every process, login sessions "
                           "included: an allow rule for any unit must name a user or group")
     selectors = {}
+    if "on_change" in table:
+        if effect != ALLOW or table["on_change"] not in ON_CHANGE:
+            raise PolicyError(f"{origin}: on_change is one of {', '.join(ON_CHANGE)}, "
+                              "in an allow rule")
+        selectors["on_change"] = table.pop("on_change")
     for key, value in table.items():
         items = value if isinstance(value, list) else [value]
         if not items:
