@@ -464,12 +464,14 @@ def test_s2_root_configures_vault_and_key(box):
     key = ["--machine-key", KEY]
     box.run(*ov, "app", "create", APP, *key)
     box.run(*ov, "env", "create", ENV, "--app", APP)
-    box.run(*ov, "secret", "set", "DB_URL", "--app", APP, "--env", ENV, *key, input=VALUE)
-    box.run(*ov, "secret", "set", "OTHER_SECRET", "--app", APP, "--env", ENV, *key,
-            input=OTHER)
     assert box.run("stat", "-c", "%a %U", KEY).out.split() == ["600", "root"]
     before = box.run("stat", "-c", "%U %a", "/var/lib/ov", VAULT).out.split("\n")
     assert before[:2] == ["root 700", "root 600"], before
+    # (ov secret set asks the agent which units hold an older version: the socket
+    # starts it, and its StateDirectory= takes /var/lib/ov over from here on.)
+    box.run(*ov, "secret", "set", "DB_URL", "--app", APP, "--env", ENV, *key, input=VALUE)
+    box.run(*ov, "secret", "set", "OTHER_SECRET", "--app", APP, "--env", ENV, *key,
+            input=OTHER)
     # The key is new: the running (key-less) agent must be restarted, as it says.
     box.systemctl("restart", "ov-agent.service")
     after = box.run("stat", "-c", "%U %a", "/var/lib/ov", VAULT).out.split("\n")
