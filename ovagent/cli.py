@@ -13,8 +13,8 @@ import argh
 from . import __version__
 from .client import config, options
 from .core import keyfile, paths, unlock
-from .core.errors import (EXIT_AUTH, NotFoundError, OvError, UsageError, report_errors,
-                          warn)
+from .core.errors import (EXIT_AUTH, AgentError, NotFoundError, OvError, UsageError,
+                          report_errors, warn)
 from .core.validate import DEFAULT_APP, DEFAULT_ENV, check_name, check_slug
 
 DESCRIPTION = ("ov: a local-first, zero-knowledge secrets vault, and an agent that "
@@ -159,8 +159,10 @@ def upgrade(*, vault=None, machine_key=None, password_stdin=False):
 APPLY = [(("--apply",), {"choices": ("restart", "reload", "none"),
                          "help": "then have systemd restart (try-restart) or reload "
                                  "(try-reload-or-restart) each running unit that holds "
-                                 "an older version, as the agent knows them (without "
-                                 "it: say which units, and the command)"}),
+                                 "an older version, as the agent knows them (none: "
+                                 "only say which units, and the command; without it, "
+                                 "ov secret set does what the policy's on_change says, "
+                                 "else names them)"}),
          (("--splay",), {"type": float, "metavar": "SECONDS",
                          "help": "seconds between two units (default 0)"}),
          (("--keep-going",), {"help": "act on the other units after one failed"})]
@@ -185,7 +187,7 @@ def _roll_out(app, env, versions, *, apply=None, splay=None, keep_going=False,
     except OvError as exc:
         if apply is None:
             return
-        raise OvError(f"cannot ask the agent which units to {apply}: {exc}") from None
+        raise AgentError(f"cannot ask the agent which units to {apply}: {exc}") from None
     actions = ({index: apply for index in range(len(units))} if apply is not None
                else _on_change(units, versions))
     if not units:
@@ -206,15 +208,14 @@ def _on_change(units, versions):
     from .agent import daemon, policy_files
     from .agent.policy import Caller
 
-    system = (os.environ.get("OV_AGENT_SOCK") or paths.client_socket()) == \
-        paths.SYSTEM_SOCKET
+    system = paths.client_socket() == paths.SYSTEM_SOCKET
     try:
         policy = policy_files.read_policy(paths.policy_dir(system),
                                           daemon.policy_owners(system))
     except OvError as exc:
         warn(f"the policy's on_change is not used: {exc}")
         return {}
-    names = list(versions) if versions is not None else None
+    names = list(versions)
     return {index: policy.on_change(Caller.of_uid(unit["uid"], unit["unit"],
                                                   unit["user_manager"]),
                                     unit["app"], unit["env"], names)
@@ -675,6 +676,8 @@ def sync(*, follow=False, vault=None, machine_key=None, password_stdin=False,
         for app, env, names in changed if apply else ():
             current = {record.name: record.version
                        for record in opened.list_secrets(app, env) if record.name in names}
+            if not current:          # only deletions: nothing newer to roll out
+                continue
             try:
                 _roll_out(app, env, current, apply=apply, splay=splay,
                           keep_going=keep_going, machine_key=machine_key)

@@ -483,3 +483,35 @@ def test_only_root_or_the_agents_own_user_may_list_consumers():
     with pytest.raises(protocol.ProtocolError) as raised:
         state.list_consumers(SimpleNamespace(uid=other), req)
     assert raised.value.code == protocol.E_PEER
+
+
+@pytest.mark.parametrize("unit_name", ["session-3.scope", "-Hevil.service",
+                                       "a\x1bb.service", "x" * 300 + ".service"])
+def test_only_service_names_systemctl_takes_are_recorded(unit_name):
+    """A scope cannot be restarted; a name a user chose in their own manager must not
+    reach systemctl as an option, nor a terminal as an escape sequence."""
+    registry = Consumers(None)
+    registry.record(peer(unit_name, manager_uid=1000), "demo", "production", {"A": 1})
+    assert registry.listing() == []
+
+
+def test_a_user_manager_cannot_push_the_systems_units_out(monkeypatch):
+    monkeypatch.setattr(consumers_module, "MAX_PER_USER_MANAGER", 3)
+    registry = Consumers(None)
+    registry.record(peer("system.service"), "demo", "production", {"A": 1})
+    for number in range(10):
+        registry.record(peer(f"u{number}.service", manager_uid=1000), "demo",
+                        "production", {"A": 1})
+    units = sorted(entry["unit"] for entry in registry.listing())
+    assert units == ["system.service", "u7.service", "u8.service", "u9.service"]
+
+
+def test_a_systemctl_that_does_not_answer_is_a_failure_not_a_crash(monkeypatch):
+    def slow(*args, **kwargs):
+        raise rollout.subprocess.TimeoutExpired(args[0], 300)
+
+    monkeypatch.setattr(rollout.subprocess, "run", slow)
+    with pytest.raises(rollout.RolloutError, match="shop.service"):
+        rollout.apply([{"unit": "shop.service", "user_manager": None, "app": "demo",
+                        "env": "production", "versions": {"A": 1}}], "restart",
+                      say=lambda line: None)

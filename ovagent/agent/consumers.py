@@ -18,7 +18,11 @@ import time
 from ..core import files, procfs
 
 FILE_NAME = "consumers.json"
-MAX_ENTRIES = 4096
+MAX_ENTRIES = 1024           # a listing of all of them fits in one answer frame
+MAX_PER_USER_MANAGER = 64    # a user who makes cgroups at will cannot push others out
+MAX_UNIT_NAME = 255
+UNIT_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                            "0123456789:-_.\\@")
 FORMAT = 1
 
 
@@ -33,9 +37,10 @@ class Consumers:
 
     def record(self, peer, app, env, versions):
         """*peer* (its unit and cgroup) received *versions* (name -> version) of
-        app/env.  A caller outside any unit is not recorded: nothing could restart
-        it."""
-        if not peer.unit:
+        app/env.  Not recorded: a caller outside any service (a scope, such as a
+        login session, cannot be restarted), nor a unit name systemctl would not
+        take as one (a user names cgroups in their own manager at will)."""
+        if not restartable(peer.unit):
             return
         key = (peer.unit, peer.manager_uid, app, env)
         with self._lock:
@@ -43,9 +48,16 @@ class Consumers:
             entry["versions"].update(versions)
             entry.update(cgroup=peer.cgroup, uid=peer.uid, seen=int(self._clock()))
             self._entries[key] = entry
-            while len(self._entries) > MAX_ENTRIES:
-                del self._entries[next(iter(self._entries))]
+            if peer.manager_uid is not None:
+                self._bound([old for old in self._entries if old[1] == peer.manager_uid],
+                            MAX_PER_USER_MANAGER)
+            self._bound(list(self._entries), MAX_ENTRIES)
             self._dirty = True
+
+    def _bound(self, keys, limit):
+        """Drop the least recently seen of *keys* (oldest first) beyond *limit*."""
+        for old in keys[:max(0, len(keys) - limit)]:
+            del self._entries[old]
 
     def listing(self, app=None, env=None, secrets=None):
         """The entries of units still running, filtered: [{unit, user_manager, uid,
@@ -102,11 +114,18 @@ class Consumers:
             self._entries = {}
 
 
+def restartable(unit):
+    """A service name, as systemctl takes one (and no option: no leading '-')."""
+    return (isinstance(unit, str) and unit.endswith(".service")
+            and 0 < len(unit) <= MAX_UNIT_NAME and not unit.startswith("-")
+            and UNIT_CHARACTERS.issuperset(unit))
+
+
 def _well_formed(unit, manager_uid, app, env, entry):
     """An entry as record() makes them (a file edited by hand may hold anything)."""
     def number(value):
         return type(value) is int and value >= 0
-    return (all(isinstance(text, str) for text in (unit, app, env))
+    return (restartable(unit) and all(isinstance(text, str) for text in (app, env))
             and (manager_uid is None or number(manager_uid))
             and isinstance(entry, dict) and number(entry.get("uid"))
             and number(entry.get("seen"))

@@ -239,11 +239,9 @@ class Policy:
 
     def on_change(self, caller, app, env, names):
         """The on_change of the first allow rule that matches *caller* for app/env
-        and covers one of *names* (None: any secret, a key rotation); None without
-        one."""
+        and covers one of *names*; None without one."""
         return next((rule.on_change for rule in self.matching(caller, app, env)[0]
-                     if rule.on_change and (names is None or any(map(rule.covers, names)))),
-                    None)
+                     if rule.on_change and any(map(rule.covers, names))), None)
 
     def matching(self, caller, app, env):
         """(allow rules, deny rules) that speak of *caller* asking for app/env."""

@@ -60,8 +60,14 @@ class AgentState:
         if peer.uid not in (0, self.uid):
             raise ProtocolError(protocol.E_PEER, "only root or the agent's own user may "
                                 "list which units hold which secrets")
-        return {"type": "consumers", "units": self.consumers.listing(
+        answer = {"type": "consumers", "units": self.consumers.listing(
             req["app"], req["env"], req["secrets"])}
+        try:
+            protocol.encode_frame(answer)
+        except ProtocolError:
+            raise ProtocolError(protocol.E_TOO_LARGE, "the list of consumers does not "
+                                "fit in one answer: name an app, env or secret") from None
+        return answer
 
     def every_second(self):
         """The event loop's upkeep: sum up repeated denials, save the registry."""

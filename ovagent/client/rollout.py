@@ -80,6 +80,8 @@ def _act(argv):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     except OSError as exc:
         return f"failed: {argv[0]}: {exc.strerror}"
+    except subprocess.TimeoutExpired:
+        return "failed: no answer from systemctl within 300 s"
     if result.returncode == 0:
         return "ok"
     last = result.stderr.strip().splitlines()
