@@ -4,9 +4,11 @@ and keys never are: rows carry the same wrapped keys and ciphertexts, bound by t
 same associated data, as the SQLite vault.
 
 Each environment has a manifest: its secrets' (version, digest) entries with a
-counter, sealed under the app key by the host that wrote it (fleet.py).  Every row
-written gets the next number of one sequence (``seq``), so a pull asks only for
-what changed since the last one, and a statement trigger NOTIFYs ``ov_changes``.
+counter, sealed under the app key by the host that wrote it (push.py); a pull
+fetches only the manifests whose counter rose (pull.py).  Each manifest written
+takes the next number of one sequence (``seq``: the change number ``ov store
+status`` and the ``synced`` record show), and statement triggers on apps,
+environments and manifests NOTIFY ``ov_changes`` (``ov sync --follow``).
 The schema is created by numbered migrations, each applied once, in a transaction
 that holds an advisory lock (so two hosts running ``ov store init`` at once wait for
 each other).
@@ -43,13 +45,11 @@ CREATE TABLE ov.apps (
     wrapped_key bytea NOT NULL,
     key_check bytea NOT NULL,
     generation bigint NOT NULL,
-    created double precision NOT NULL,
-    seq bigint NOT NULL DEFAULT nextval('ov.changes'));
+    created double precision NOT NULL);
 CREATE TABLE ov.envs (
     app text NOT NULL REFERENCES ov.apps (name) ON DELETE CASCADE,
     name text NOT NULL,
     created double precision NOT NULL,
-    seq bigint NOT NULL DEFAULT nextval('ov.changes'),
     PRIMARY KEY (app, name));
 CREATE TABLE ov.secrets (
     app text NOT NULL,
@@ -59,7 +59,6 @@ CREATE TABLE ov.secrets (
     wrapped_dek bytea NOT NULL,
     ciphertext bytea NOT NULL,
     created double precision NOT NULL,
-    seq bigint NOT NULL DEFAULT nextval('ov.changes'),
     PRIMARY KEY (app, env, name, version),
     FOREIGN KEY (app, env) REFERENCES ov.envs (app, name) ON DELETE CASCADE);
 CREATE TABLE ov.manifests (
@@ -70,14 +69,8 @@ CREATE TABLE ov.manifests (
     seq bigint NOT NULL DEFAULT nextval('ov.changes'),
     PRIMARY KEY (app, env),
     FOREIGN KEY (app, env) REFERENCES ov.envs (app, name) ON DELETE CASCADE);
-CREATE INDEX ON ov.apps (seq);
-CREATE INDEX ON ov.manifests (seq);
 CREATE FUNCTION ov.renumber() RETURNS trigger LANGUAGE plpgsql AS
     $$ BEGIN NEW.seq := nextval('ov.changes'); RETURN NEW; END $$;
-CREATE TRIGGER renumber BEFORE UPDATE ON ov.apps
-    FOR EACH ROW EXECUTE FUNCTION ov.renumber();
-CREATE TRIGGER renumber BEFORE UPDATE ON ov.secrets
-    FOR EACH ROW EXECUTE FUNCTION ov.renumber();
 CREATE TRIGGER renumber BEFORE UPDATE ON ov.manifests
     FOR EACH ROW EXECUTE FUNCTION ov.renumber();
 CREATE FUNCTION ov.announce() RETURNS trigger LANGUAGE plpgsql AS
