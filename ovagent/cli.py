@@ -11,7 +11,7 @@ import sys
 import argh
 
 from . import __version__
-from .client import config, options
+from .client import config, options, rollout
 from .core import keyfile, paths, unlock
 from .core.errors import (EXIT_AUTH, AgentError, NotFoundError, OvError, UsageError,
                           report_errors, warn)
@@ -156,7 +156,7 @@ def upgrade(*, vault=None, machine_key=None, password_stdin=False):
 
 # -- rolling a change out ----------------------------------------------------
 
-APPLY = [(("--apply",), {"choices": ("restart", "reload", "none"),
+APPLY = [(("--apply",), {"choices": rollout.ACTIONS,
                          "help": "then have systemd restart (try-restart) or reload "
                                  "(try-reload-or-restart) each running unit that holds "
                                  "an older version, as the agent knows them (none: "
@@ -180,7 +180,7 @@ def _roll_out(app, env, versions, *, apply=None, splay=None, keep_going=False,
     (name -> current version; None: any secret of app/env), restarted or reloaded
     (*apply*), else named with the command that would.  Without --apply, an agent
     that cannot be asked is no error."""
-    from .client import rollout, talk
+    from .client import talk
 
     try:
         units = rollout.holders(app, env, versions, key=talk.find_key(machine_key))
@@ -188,23 +188,22 @@ def _roll_out(app, env, versions, *, apply=None, splay=None, keep_going=False,
         if apply is None:
             return
         raise AgentError(f"cannot ask the agent which units to {apply}: {exc}") from None
-    actions = ({index: apply for index in range(len(units))} if apply is not None
-               else _on_change(units, versions))
+    actions = [apply] * len(units) if apply is not None else _on_change(units, versions)
     if not units:
         print("No running unit holds an older version")
-    for action in ("restart", "reload"):
-        chosen = [unit for index, unit in enumerate(units) if actions.get(index) == action]
+    for verb in rollout.VERBS:
+        chosen = [unit for unit, action in zip(units, actions) if action == verb]
         if chosen:
-            rollout.apply(chosen, action, splay=splay or 0.0, keep_going=keep_going,
+            rollout.apply(chosen, verb, splay=splay or 0.0, keep_going=keep_going,
                           record=(app, env, versions))
-    for line in rollout.advice([unit for index, unit in enumerate(units)
-                                if actions.get(index) not in ("restart", "reload")]):
+    for line in rollout.advice([unit for unit, action in zip(units, actions)
+                                if action not in rollout.VERBS]):
         print(line)
 
 
 def _on_change(units, versions):
-    """index -> the action the agent's policy gives each of *units* (on_change, in
-    the allow rule that lets it have the changed secrets), when --apply says none."""
+    """The action the agent's policy gives each of *units* (on_change, in the allow
+    rule that lets it have the changed secrets; None: none), when --apply says none."""
     from .agent import daemon, policy_files
     from .agent.policy import Caller
 
@@ -214,12 +213,11 @@ def _on_change(units, versions):
                                           daemon.policy_owners(system))
     except OvError as exc:
         warn(f"the policy's on_change is not used: {exc}")
-        return {}
-    names = list(versions)
-    return {index: policy.on_change(Caller.of_uid(unit["uid"], unit["unit"],
-                                                  unit["user_manager"]),
-                                    unit["app"], unit["env"], names)
-            for index, unit in enumerate(units) if policy.enforcing}
+        return [None] * len(units)
+    if not policy.enforcing:
+        return [None] * len(units)
+    return [policy.on_change(Caller.of_uid(unit["uid"], unit["unit"], unit["user_manager"]),
+                             unit["app"], unit["env"], list(versions)) for unit in units]
 
 
 # -- ov app ----------------------------------------------------------------
@@ -544,7 +542,7 @@ def agent_status(*, socket=None, pid_file=None, machine_key=None):
 def agent_consumers(*, socket=None, machine_key=None, app=None, env=None, secret=None):
     """List the running units the agent released secrets to, and the versions they
     hold (never values); root or the agent's own user only."""
-    from .client import rollout, talk
+    from .client import talk
 
     units = talk.consumers(socket or paths.client_socket(), talk.find_key(machine_key),
                            app, env, [check_name(secret)] if secret else None)
