@@ -425,6 +425,14 @@ class AgentHarness:
             agent.wait_ready()
         return agent
 
+    def start_shared(self, base, *options, **kwargs):
+        """A --system agent whose socket, in *base* (a shared_place), other uids
+        can reach."""
+        agent = self.start("--system", *options, sock=base / "r" / "a.sock", **kwargs)
+        os.chmod(agent.socket.parent, 0o711)
+        os.chmod(agent.socket, 0o666)
+        return agent
+
     def start_interactive(self):
         """An agent unlocked with the master password typed on a terminal (a pty that
         becomes its controlling terminal): interactive mode, no machine key."""

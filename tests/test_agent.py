@@ -475,9 +475,7 @@ def run_as(prefix, agent, key, *command, options=(), cwd, env):
 def test_spawn_outside_the_agents_world_is_refused_and_runs_nothing(agents, demo,
                                                                      shared_place, kind):
     base, key = shared_place
-    agent = agents.start("--system", sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base)
     if kind == "other-uid":
         os.chown(key, 65534, 65534)
     (base / "out").mkdir(mode=0o777)
@@ -543,9 +541,7 @@ def test_spawn_from_another_uid_never_touches_its_cwd(agents, demo, shared_place
     directory as its cwd.  It is refused before any path is resolved, with the same
     answer whether the directory exists or not."""
     base, _ = shared_place
-    agent = agents.start("--system", sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base)
     private = base / "private" / ("home" if exists else "nothing-here")
     if exists:
         private.mkdir(parents=True, mode=0o700)
@@ -562,9 +558,7 @@ def test_spawn_from_another_uid_never_touches_its_cwd(agents, demo, shared_place
 @needs_setpriv
 def test_a_system_agent_releases_to_another_uid(agents, demo, shared_place):
     base, key = shared_place
-    agent = agents.start("--system", sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base)
     os.chown(key, 65534, 65534)
     result = run_as(outside_the_agents_world("other-uid"), agent, key, "sh", "-c",
                     'id -u; printf %s "$API_TOKEN" | sha256sum', cwd=base,

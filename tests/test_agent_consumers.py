@@ -258,10 +258,7 @@ def test_another_uid_may_not_list_a_system_agents_consumers(agents, demo, shared
     base, key = shared_place
     os.chown(key, 65534, 65534)
     state = tmp_path / "state"
-    agent = agents.start("--system", sock=base / "r" / "a.sock",
-                         env={"STATE_DIRECTORY": str(state)})
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base, env={"STATE_DIRECTORY": str(state)})
     released_in(unit_cgroup("shop.service"), agent, "DB_URL")
     assert consumers(agent) == [SHOP]                   # root may
 

@@ -307,10 +307,7 @@ app     = "demo"
 env     = "production"
 secrets = ["API_TOKEN"]
 """})
-    agent = agents.start("--system", "--policy-dir", str(directory),
-                         sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base, "--policy-dir", str(directory))
     (base / "out").mkdir(mode=0o777)
     os.chmod(base / "out", 0o777)
     env = dict(demo.ov.env, HOME=str(base))
@@ -820,10 +817,7 @@ def test_a_unit_of_a_users_own_manager_counts_only_where_the_rule_names_the_user
     base, key = shared_place
     os.chown(key, 65534, 65534)
     directory = write_policy(tmp_path / "policy.d", {"10-units.toml": NOBODY_UNIT_POLICY})
-    agent = agents.start("--system", "--policy-dir", str(directory),
-                         sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base, "--policy-dir", str(directory))
     (base / "out").mkdir(mode=0o777)
     os.chmod(base / "out", 0o777)
     env = dict(demo.ov.env, HOME=str(base))

@@ -563,9 +563,7 @@ def test_one_uids_stalled_and_reopening_connections_do_not_starve_another(
                     "the system suite's s15 runs attacker and caller in units of "
                     "their own")
     base, _ = shared_place
-    agent = agents.start("--system", sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base)
     attacker = subprocess.Popen(
         [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
          "-c", ATTACKER, str(agent.socket), "200", "70", "60"],
@@ -705,9 +703,7 @@ def test_descriptors_from_a_uid_that_cannot_spawn_are_never_taken(agents, shared
     are received; the kernel drops anyone else's.  (The loop never closes them, and
     closing one can block: a FUSE file's flush waits for whoever serves it.)"""
     base, _ = shared_place
-    agent = agents.start("--system", sock=base / "r" / "a.sock")
-    os.chmod(agent.socket.parent, 0o711)
-    os.chmod(agent.socket, 0o666)
+    agent = agents.start_shared(base)
     passed = base / "passed-descriptor"
     passed.write_bytes(b"")
     passed.chmod(0o644)
